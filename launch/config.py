@@ -51,27 +51,6 @@ class JobConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# Fields that do not change a job's results: a resumed run may differ in these.
-RESULT_NEUTRAL_FIELDS = ("name", "output_dir", "resources", "checkpoint", "eval", "train.log_every")
-
-
-def results_changing_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted names of the fields (other than RESULT_NEUTRAL_FIELDS) whose values differ."""
-    diffs: list[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if prefix in RESULT_NEUTRAL_FIELDS:
-            return
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        elif a != b:
-            diffs.append(f"{prefix}: checkpoint has {a!r}, config has {b!r}")
-
-    walk(saved, current, "")
-    return diffs
-
-
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` merged into a copy of `base`; mappings merge key by key, anything else replaces."""
     merged = copy.deepcopy(base)

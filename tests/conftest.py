@@ -50,3 +50,27 @@ def toy_data(tmp_path) -> dict[str, Path]:
         "train": write_jsonl(tmp_path / "train.jsonl", addition_rows(64, seed=1)),
         "eval": write_jsonl(tmp_path / "val.jsonl", addition_rows(16, seed=2)),
     }
+
+
+@pytest.fixture
+def make_job(tmp_path, tiny_model_dir, toy_data):
+    """A JobConfig for the tiny model on the toy task; keyword sections are deep-merged over the defaults."""
+    from launch.config import JobConfig, deep_merge
+
+    def build(**sections) -> "JobConfig":
+        raw = {
+            "name": "toy",
+            "model": str(tiny_model_dir),
+            "quant": {"bits": 4, "type": "nf4", "double_quant": True},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attn"},
+            "optim": {"name": "adamw", "lr": 5e-3, "schedule": "constant", "warmup_ratio": 0.0},
+            "train": {"max_steps": 6, "micro_batch": 4, "grad_accum": 1, "seq_len": 64, "grad_checkpointing": True, "seed": 7},
+            "data": {"train": {"path": str(toy_data["train"]), "format": "prompt_completion"},
+                     "eval": {"path": str(toy_data["eval"]), "format": "prompt_completion"}},
+            "eval": {"every": 0},
+            "checkpoint": {"every": 0, "keep": 2},
+            "output_dir": str(tmp_path / "run"),
+        }
+        return JobConfig.model_validate(deep_merge(raw, sections))
+
+    return build

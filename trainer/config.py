@@ -6,9 +6,10 @@ Every field is documented here, once, through its `description`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -82,6 +83,18 @@ class EvalConfig(BaseModel):
     model_config = STRICT
     every: int = Field(50, ge=0, description="Evaluate every this many steps (0: only before and after training).")
     max_batches: int | None = Field(None, ge=1, description="Cap on eval batches per evaluation; None evaluates the whole eval set.")
+    tasks: Path | None = Field(
+        None, description="Tasks YAML (trainer.evaluation.TasksFile): task metrics and forgetting probes run at every evaluation."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_file_valid(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from trainer.evaluation import load_tasks_file  # torch-heavy; only when a tasks file is set
+
+            load_tasks_file(value)
+        return value
 
 
 class CheckpointConfig(BaseModel):
@@ -97,7 +110,36 @@ class LwfConfig(BaseModel):
     on: Literal["task", "rehearsal", "all"] = Field("task", description="Which examples' response tokens the KL covers.")
 
 
+class RehearsalConfig(BaseModel):
+    model_config = STRICT
+    source: Literal["prior"] = Field("prior", description="Where rehearsal data comes from: 'prior' = the frozen base model's own answers to `prompts`.")
+    prompts: Path = Field(description="General prompts: .txt (one per line) or JSONL/JSON/Parquet/CSV rows in `format`.")
+    format: Literal["prompt_completion", "question_answer", "alpaca", "self_instruct"] = Field(
+        "self_instruct", description="Row layout of the prompts file (ignored for .txt); self_instruct reads general_prompts files."
+    )
+    ratio: float = Field(0.2, gt=0, lt=1, description="Share of training tokens that are rehearsal (the task sources share the rest).")
+    n: int | None = Field(None, ge=1, description="Use the first n prompts (file order); None uses all.")
+    template: str = Field("auto", description="Prompt template (data_pipeline names: auto, chat, none, named, or {column} string), used both to generate and to train.")
+    max_new_tokens: int = Field(128, ge=1, description="Length cap of each generated answer.")
+    temperature: float = Field(0.0, ge=0, description="0 answers greedily; above 0 samples at this temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass when sampling.")
+    seed: int = Field(0, description="Seed of the sampling (unused when greedy).")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+
+    @model_validator(mode="after")
+    def _prompts_and_template(self) -> RehearsalConfig:
+        from data_pipeline.config import check_template
+        from trainer.evaluation import read_prompts  # torch-heavy; only when rehearsal is asked for
+
+        check_template(self.template)
+        read_prompts(self.prompts, self.format)  # a missing file or field fails here, not mid-job
+        return self
+
+
 class ForgettingConfig(BaseModel):
     model_config = STRICT
     lwf: LwfConfig | None = Field(None, description="Learning-without-Forgetting: KL(p_base^T || p_adapted^T) to the frozen base (adapters off).")
     l2: float = Field(0.0, ge=0, description="L2 penalty weight on the adapter parameters.")
+    rehearsal: RehearsalConfig | None = Field(
+        None, description="Self-generated rehearsal: the frozen base answers general prompts once (cached), mixed into training."
+    )

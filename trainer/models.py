@@ -153,4 +153,10 @@ def load_base_model(
     )
     model.requires_grad_(False)
     model.config.use_cache = False
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # On AVX512-BF16 CPUs, bitsandbytes repacks a 4-bit weight in place at its first eval-mode
+            # forward into an inference layout whose kernel (gemv_4bit) has no autograd: training after an
+            # evaluation would silently lose the gradient through every base layer. Keep the training layout.
+            module.support_avx512bf16_for_cpu = False
     return model
