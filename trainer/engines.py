@@ -42,6 +42,14 @@ class World:
         dist.all_reduce(total)
         return float(total.item())
 
+    def gather(self, value: Any) -> list[Any]:
+        """`value` from every worker, in rank order (a picklable object)."""
+        if self.size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

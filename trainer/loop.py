@@ -111,8 +111,13 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
     step, tokens, elapsed_s, initial_eval_loss = 0, 0, 0.0, None
     if resume_from is not None:
         trainer_state, engine_state = load_checkpoint(resume_from, model)
+        if len(trainer_state["data"]) != world.size:
+            raise JobError(
+                f"{resume_from} was written by {len(trainer_state['data'])} worker(s) and this run has {world.size}: "
+                f"resume with the same resources.gpus_per_job, or use a new output_dir"
+            )
         engine.load_state_dict(engine_state, resume_from / "shards")
-        stream.load_state_dict(trainer_state["data"])
+        stream.load_state_dict(trainer_state["data"][world.rank])
         step, tokens, elapsed_s = trainer_state["step"], trainer_state["tokens"], trainer_state["elapsed_s"]
         initial_eval_loss = trainer_state["initial_eval_loss"]
     elif world.is_main:
@@ -127,9 +132,9 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
     def write_checkpoint(at_step: int) -> None:
         shards = output_dir / CHECKPOINTS / f".shards-step-{at_step}"
         engine.save_sharded_state(shards)  # collective: every worker writes its own partition
-        world.barrier()
+        data_states = world.gather(stream.state_dict())  # each rank streams its own shard
         if world.is_main:
-            state = {"tokens": tokens, "elapsed_s": elapsed_s, "initial_eval_loss": initial_eval_loss, "data": stream.state_dict()}
+            state = {"tokens": tokens, "elapsed_s": elapsed_s, "initial_eval_loss": initial_eval_loss, "data": data_states}
             move_shards = lambda tmp: shards.rename(tmp / "shards") if shards.exists() else None  # noqa: E731
             save_checkpoint(output_dir, at_step, model, engine.state_dict(), state, config.checkpoint.keep, extra_files=move_shards)
         world.barrier()
