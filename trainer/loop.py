@@ -29,7 +29,7 @@ from trainer.engines import DeepSpeedEngine, LocalEngine, World
 from trainer.losses import MODEL_INPUTS, compute_loss, token_cross_entropy_sum
 from trainer.models import PRESETS, ModelSpecError, compute_dtype, default_device, load_base_model, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.tracking import Tracker, peak_memory_bytes
+from trainer.tracking import Tracker, configure_console, peak_memory_bytes
 
 if TYPE_CHECKING:
     from launch.config import JobConfig
@@ -76,6 +76,7 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
     resume_from = latest_checkpoint(output_dir)
     _check_resumable(output_dir, resume_from, config_dump)
 
+    configure_console()
     world = World.from_env()
     train, optim = config.train, config.optim
     _seed_everything(train.seed)

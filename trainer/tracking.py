@@ -84,10 +84,24 @@ class Tracker:
         self.writer.close()
 
 
+def plain_console() -> bool:
+    """Plain log lines instead of live displays: not a terminal, or LORAFLEET_PLAIN_LOGS is set."""
+    return not sys.stderr.isatty() or bool(os.environ.get("LORAFLEET_PLAIN_LOGS"))
+
+
+def configure_console() -> None:
+    """On a plain console, log lines with timestamps, and silence the libraries' progress bars, which
+    would otherwise print one line per refresh into log files."""
+    if plain_console():
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _progress_display(max_steps: int, start: int) -> Progress | None:
     """A rich progress bar on a terminal; None (plain log lines) anywhere else."""
-    if not sys.stderr.isatty() or os.environ.get("LORAFLEET_PLAIN_LOGS"):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if plain_console():
         return None
     progress = Progress(
         TextColumn("step"),
