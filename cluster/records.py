@@ -1,0 +1,168 @@
+"""RUN_DIR/fleet.json: each job's state, attempts, errors, times, adapter path and final metrics.
+
+The file is rewritten atomically (temp file, then rename), so `lorafleet status` and anything else
+reading it never sees half a record. Times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLEET_JSON = "fleet.json"
+
+# Job states, in the order a job passes through them.
+QUEUED, PLACING, STARTING, RUNNING = "queued", "placing", "starting", "running"
+FINISHED, FAILED, INTERRUPTED, SKIPPED = "finished", "failed", "interrupted", "skipped"
+
+
+@dataclass
+class Attempt:
+    """One try at a job: from asking for its placement group to its workers' end."""
+
+    number: int
+    submitted_at: float
+    placed_at: float | None = None
+    running_at: float | None = None
+    first_step_at: float | None = None
+    ended_at: float | None = None
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class JobRecord:
+    name: str
+    output_dir: str
+    workers: int
+    max_steps: int
+    state: str = QUEUED
+    attempts: list[Attempt] = field(default_factory=list)
+    step: int = 0
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    node: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    adapter_dir: str | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+    @property
+    def attempt(self) -> int:
+        return self.attempts[-1].number if self.attempts else 0
+
+    @property
+    def run_time_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.ended_at or time.time()) - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["attempt"] = self.attempt
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        data = {k: v for k, v in data.items() if k != "attempt"}
+        data["attempts"] = [Attempt(**a) for a in data.get("attempts", [])]
+        return cls(**data)
+
+
+@dataclass
+class FleetRecord:
+    """The whole fleet; `first_started_at` survives re-runs (TensorBoard steps count from it)."""
+
+    name: str
+    run_dir: str
+    state: str = RUNNING
+    started_at: float = field(default_factory=time.time)
+    first_started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    slots: int = 0
+    address: str | None = None
+    jobs: dict[str, JobRecord] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["jobs"] = {name: job.to_dict() for name, job in self.jobs.items()}
+        data["updated_at"] = time.time()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FleetRecord:
+        data = {k: v for k, v in data.items() if k != "updated_at"}
+        data["jobs"] = {name: JobRecord.from_dict(job) for name, job in data.get("jobs", {}).items()}
+        return cls(**data)
+
+    def write(self) -> Path:
+        path = Path(self.run_dir) / FLEET_JSON
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    def count(self, *states: str) -> int:
+        return sum(job.state in states for job in self.jobs.values())
+
+
+def read_fleet_record(run_dir: str | Path) -> FleetRecord:
+    path = Path(run_dir) / FLEET_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no fleet.json; is {run_dir} the output_dir of a fleet that has started?")
+    return FleetRecord.from_dict(json.loads(path.read_text()))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=1, default=str)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def summarize(record: FleetRecord) -> dict[str, Any]:
+    """Fleet-level figures over the jobs trained in this run (skipped jobs add nothing).
+
+    - makespan_s: first submit to last job end;
+    - job_time_s_sum: the sum of each job's own wall time (all its attempts, queueing excluded);
+    - aggregate_tokens_per_s: tokens trained in this run / makespan;
+    - tokens_per_s_per_slot: that, divided by the slots the fleet could use at once.
+    A resumed job counts only the steps it trained in this run (its tokens scaled by that share).
+    """
+    # Attempts of earlier runs into the same directory stay in the record but not in this run's figures.
+    this_run = {name: [a for a in job.attempts if a.submitted_at >= record.started_at] for name, job in record.jobs.items()}
+    trained = [job for job in record.jobs.values() if job.state != SKIPPED and this_run[job.name]]
+    starts = [this_run[job.name][0].submitted_at for job in trained]
+    ends = [job.ended_at for job in trained if job.ended_at is not None]
+    makespan = (max(ends) - min(starts)) if starts and ends else 0.0
+    tokens = 0.0
+    for job in trained:
+        if job.result and job.result.get("steps"):
+            resumed = job.result.get("resumed_from_step") or 0
+            tokens += job.result["tokens"] * (job.result["steps"] - resumed) / job.result["steps"]
+    job_time = sum((a.ended_at or a.submitted_at) - (a.running_at or a.submitted_at) for job in trained for a in this_run[job.name])
+    aggregate = tokens / makespan if makespan > 0 else 0.0
+    return {
+        "jobs": len(record.jobs),
+        "finished": record.count(FINISHED),
+        "skipped": record.count(SKIPPED),
+        "failed": record.count(FAILED),
+        "interrupted": record.count(INTERRUPTED),
+        "makespan_s": makespan,
+        "job_time_s_sum": job_time,
+        "tokens": tokens,
+        "aggregate_tokens_per_s": aggregate,
+        "slots": record.slots,
+        "tokens_per_s_per_slot": aggregate / record.slots if record.slots else 0.0,
+    }

@@ -1,0 +1,274 @@
+"""Reading a source's rows in bounded chunks, and turning each row into prompt and response parts.
+
+Rows are read a chunk at a time (never the whole file), and every row keeps where it came from
+(file and line, or file and row) so that a bad row is reported by location, before training.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.config import FORMAT_FIELDS, OPTIONAL_FIELDS, SourceConfig
+from data_pipeline.errors import DataError
+
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
+CHUNK_ROWS = 4096
+
+
+@dataclass
+class RowChunk:
+    """Up to CHUNK_ROWS rows of one file, with each row's index in the source and its place in the file."""
+
+    file: str
+    rows: list[dict[str, Any]]
+    source_rows: list[int]  # 0-based index of the row across the whole source (all files, in order)
+    places: list[str]  # "line 12" for JSON lines, "row 12" for tables
+
+
+@dataclass
+class Example:
+    """One row as the pipeline sees it: the prompt text (or chat messages) and the response text."""
+
+    prompt: str
+    response: str
+    messages: list[dict[str, str]] | None
+    values: dict[str, Any]  # the row's columns plus the role names, for {placeholders} in templates
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def resolve_files(source: SourceConfig) -> list[Path]:
+    """The data files of a source, in a stable order; a HF dataset directory is returned as itself."""
+    if source.path.startswith("hf:"):
+        return []
+    path = Path(source.path).expanduser()
+    if any(ch in source.path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{source.path}: the glob matches no files; check the pattern and the working directory ({Path.cwd()})")
+    elif is_hf_dataset_dir(path):
+        return [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        if not files:
+            raise DataError(f"{source.path}: the directory holds no {', '.join(FILE_SUFFIXES)} files and is not a HF dataset directory")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{source.path}: no such file or directory (working directory {Path.cwd()}); fix data path")
+    unknown = [f for f in files if f.suffix not in FILE_SUFFIXES]
+    if unknown:
+        raise DataError(f"{unknown[0]}: unsupported file type '{unknown[0].suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
+    return files
+
+
+def source_fingerprint(source: SourceConfig) -> str:
+    """A hash of the source's bytes (every file, in order); for a hub dataset, of its name and split."""
+    digest = hashlib.blake2b(digest_size=16)
+    if source.path.startswith("hf:"):
+        digest.update(f"{source.path}:{source.hf_split}".encode())
+        return digest.hexdigest()
+    for file in resolve_files(source):
+        members = sorted(p for p in file.rglob("*") if p.is_file()) if file.is_dir() else [file]
+        for member in members:
+            digest.update(str(member.relative_to(file) if file.is_dir() else member.name).encode())
+            with open(member, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def iter_chunks(source: SourceConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[RowChunk]:
+    """The source's rows, chunk by chunk, in file order. Raises DataError at the first unreadable row."""
+    if source.path.startswith("hf:"):
+        yield from _hub_chunks(source, chunk_rows)
+        return
+    next_row = 0
+    for file in resolve_files(source):
+        if is_hf_dataset_dir(file):
+            reader = _hf_dir_chunks(file, source.hf_split, chunk_rows)
+        elif file.suffix in (".jsonl", ".ndjson"):
+            reader = _jsonl_chunks(file, chunk_rows)
+        elif file.suffix == ".json":
+            reader = _json_chunks(file, chunk_rows)
+        elif file.suffix == ".parquet":
+            reader = _parquet_chunks(file, chunk_rows)
+        else:
+            reader = _csv_chunks(file, chunk_rows)
+        for rows, places in reader:
+            yield RowChunk(str(file), rows, list(range(next_row, next_row + len(rows))), places)
+            next_row += len(rows)
+
+
+def _jsonl_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
+    rows: list[dict] = []
+    places: list[str] = []
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{file}:{number}: line {number} is not valid JSON ({err.msg} at column {err.colno}); fix or delete that line"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{file}:{number}: line {number} is a JSON {type(row).__name__}, not an object with fields")
+            rows.append(row)
+            places.append(f"line {number}")
+            if len(rows) == chunk_rows:
+                yield rows, places
+                rows, places = [], []
+    if rows:
+        yield rows, places
+
+
+def _json_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
+    # A JSON array cannot be streamed with the standard library; use JSONL for large sources.
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{file}: a .json source must hold a list of objects (or {{\"data\": [...]}}), got a {type(data).__name__}")
+    for start in range(0, len(data), chunk_rows):
+        rows = data[start : start + chunk_rows]
+        for offset, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{file}: row {start + offset + 1} is a JSON {type(row).__name__}, not an object with fields")
+        yield rows, [f"row {start + i + 1}" for i in range(len(rows))]
+
+
+def _parquet_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except Exception as err:
+        raise DataError(f"{file}: not a readable Parquet file ({err})") from None
+    seen = 0
+    for batch in parquet.iter_batches(batch_size=chunk_rows):
+        rows = batch.to_pylist()
+        yield rows, [f"row {seen + i + 1}" for i in range(len(rows))]
+        seen += len(rows)
+
+
+def _csv_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
+    # The csv module keeps every cell a string ("42" stays text), which is what the formats expect.
+    with open(file, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows: list[dict] = []
+        places: list[str] = []
+        for row in reader:
+            if None in row:
+                raise DataError(f"{file}:{reader.line_num}: row has more cells than the header {reader.fieldnames}")
+            rows.append(row)
+            places.append(f"line {reader.line_num}")
+            if len(rows) == chunk_rows:
+                yield rows, places
+                rows, places = [], []
+        if rows:
+            yield rows, places
+
+
+def _hf_dir_chunks(path: Path, split: str, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: the dataset has splits {sorted(loaded)}, not '{split}'; set hf_split")
+        loaded = loaded[split]
+    yield from _dataset_chunks(loaded, chunk_rows)
+
+
+def _hub_chunks(source: SourceConfig, chunk_rows: int) -> Iterator[RowChunk]:
+    import datasets
+
+    name, _, config = source.path[3:].partition(":")
+    try:
+        loaded = datasets.load_dataset(name, config or None, split=source.hf_split)
+    except Exception as err:  # offline, unknown name, missing split: one clear message
+        raise DataError(
+            f"{source.path}: datasets.load_dataset('{name}', split='{source.hf_split}') failed "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); offline, save it with save_to_disk and give that directory"
+        ) from None
+    next_row = 0
+    for rows, places in _dataset_chunks(loaded, chunk_rows):
+        yield RowChunk(source.path, rows, list(range(next_row, next_row + len(rows))), places)
+        next_row += len(rows)
+
+
+def _dataset_chunks(dataset, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
+    # The dataset's Arrow table is memory-mapped; only one chunk becomes Python objects at a time.
+    for start in range(0, len(dataset), chunk_rows):
+        rows = dataset[start : start + chunk_rows]
+        count = len(next(iter(rows.values()))) if rows else 0
+        yield [{k: v[i] for k, v in rows.items()} for i in range(count)], [f"row {start + i + 1}" for i in range(count)]
+
+
+def parse_example(source: SourceConfig, row: dict[str, Any], file: str, place: str) -> Example:
+    """The prompt and response of one row, checked: every required field is there and has the right type."""
+    roles = FORMAT_FIELDS[source.format]
+
+    def field(role: str) -> Any:
+        column = source.column(role)
+        if column not in row or row[column] is None:
+            if (source.format, role) in OPTIONAL_FIELDS:
+                return ""
+            raise DataError(
+                f"{file}: {place}: field '{column}' is missing (format {source.format} reads it as '{role}'); "
+                f"the row has fields {sorted(row)}. Map it with fields: {{{role}: <column>}} or fix the row"
+            )
+        value = row[column]
+        expected = list if role == "messages" else str
+        if not isinstance(value, expected):
+            raise DataError(
+                f"{file}: {place}: field '{column}' is a {type(value).__name__} ({_short(value)}), expected a "
+                f"{'list of {role, content} messages' if expected is list else 'string'}; the row has fields {sorted(row)}"
+            )
+        return value
+
+    values = {role: field(role) for role in roles}
+    messages = None
+    if source.format in ("prompt_completion", "fields"):
+        prompt, response = values["prompt"], values["completion"]
+    elif source.format == "alpaca":
+        prompt = values["instruction"] + (f"\n\n{values['input']}" if values["input"] else "")
+        response = values["output"]
+    elif source.format == "question_answer":
+        prompt, response = values["question"], values["answer"]
+    elif source.format == "text":
+        prompt, response = "", values["text"]
+    else:
+        messages = _checked_messages(values["messages"], file, place, source.column("messages"))
+        prompt = next((m["content"] for m in messages if m["role"] == "user"), "")
+        response = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+    merged = {**row, **values, "prompt": prompt, "response": response}
+    return Example(prompt=prompt, response=response, messages=messages, values=merged)
+
+
+def _checked_messages(messages: list, file: str, place: str, column: str) -> list[dict[str, str]]:
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise DataError(
+                f"{file}: {place}: {column}[{index}] = {_short(message)} is not a {{role: str, content: str}} message"
+            )
+    return messages
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,112 @@
+"""`lorafleet run | status | tb`: a fleet of adapter jobs on Ray."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from launch.config import ConfigError
+from launch.fleet_config import capacity_problems, load_fleet_config
+
+# Off a terminal rich assumes 80 columns and would truncate the job table in log files.
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err_console = Console(stderr=True)
+
+# Exit codes: 1 = some job failed after its retries, 2 = bad input, 130 = stopped by Ctrl-C/SIGTERM.
+EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run(
+    fleet_file: Path = typer.Argument(..., help="Fleet YAML: name, defaults, resources, jobs, output_dir."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)."),
+    max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="Run at most this many jobs at once (default: as many as fit)."),
+    num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local cluster (default: all of this machine's)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a fleet-file field, e.g. --set defaults.train.max_steps=20 (repeatable)."),
+) -> None:
+    """Train every job of a fleet: queued, placed, retried from checkpoints, shown live. Re-running resumes."""
+    from cluster.capacity import cluster_has_gpus, job_shape, local_node, slot_count
+    from cluster.session import cluster_address
+
+    embedded = cluster_address(address) is None
+    # An embedded cluster's one node is known before Ray starts, so the capacity check joins the others.
+    nodes = [local_node(num_cpus)] if embedded else None
+    try:
+        fleet = load_fleet_config(fleet_file, set_, nodes=nodes)
+    except ConfigError as err:
+        fail(str(err))
+
+    from cluster.fleet import FleetJob, FleetRunner
+    from cluster.session import ClusterUnreachable, ray_session
+    from cluster.view import make_view
+
+    try:
+        with ray_session(address, num_cpus=num_cpus, num_gpus=int(nodes[0].gpus) if nodes else None) as live_nodes:
+            problems = capacity_problems(fleet.jobs, live_nodes, str(fleet_file))
+            if problems:
+                fail(f"the cluster cannot hold every job ({len(problems)} problems):\n  " + "\n  ".join(problems))
+            gpus = cluster_has_gpus(live_nodes)
+            jobs = [FleetJob(config=job, shape=job_shape(job.resources, gpus), max_failures=job.resources.max_failures) for job in fleet.jobs]
+            runner = FleetRunner(
+                fleet.name, jobs, fleet.output_dir, slots=slot_count(live_nodes, fleet.resources), view=make_view(out), max_concurrent=max_concurrent
+            )
+            record = runner.run()
+    except ClusterUnreachable as err:
+        fail(str(err))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (FleetInterrupted)
+        err_console.print(f"stopped; the workers were stopped. Run the same command again to resume from the newest checkpoints ({fleet.output_dir}/fleet.json).")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    out.print(f"fleet.json: {Path(fleet.output_dir) / 'fleet.json'}")
+    if record.count("failed"):
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+def status(run_dir: Path = typer.Argument(..., help="A fleet's output_dir (holds fleet.json).")) -> None:
+    """Print the job table of a running or finished fleet."""
+    from cluster.records import read_fleet_record
+    from cluster.view import errors_table, jobs_table, summary_table
+
+    try:
+        record = read_fleet_record(run_dir)
+    except FileNotFoundError as err:
+        fail(str(err))
+    out.print(jobs_table(record))
+    age = time.time() - Path(run_dir, "fleet.json").stat().st_mtime
+    out.print(f"fleet {record.name}: {record.state} (fleet.json written {age:.0f}s ago)", highlight=False)
+    if record.summary:
+        out.print(summary_table(record))
+    errors = errors_table(record)
+    if errors is not None:
+        out.print(errors)
+
+
+def tb(
+    run_dir: Path = typer.Argument(..., help="A fleet's output_dir."),
+    port: int = typer.Option(6006, "--port", help="Port on 127.0.0.1."),
+) -> None:
+    """Start TensorBoard on 127.0.0.1 over every job's logs (one run per job) and the fleet's own scalars."""
+    from cluster.tensorboard import logdir_spec
+
+    try:
+        spec = logdir_spec(run_dir)
+    except FileNotFoundError as err:
+        fail(str(err))
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec, "--host", "127.0.0.1", "--port", str(port)]
+    err_console.print(f"TensorBoard on http://127.0.0.1:{port}/ (Ctrl-C stops it)")
+    # Become TensorBoard, so that a signal to this process reaches it and no server outlives us.
+    os.execv(sys.executable, command)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("status")(status)
+    app.command("tb")(tb)

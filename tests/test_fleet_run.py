@@ -1,0 +1,246 @@
+"""Real fleets of tiny jobs on a real local Ray cluster (2 CPU slots), through the `lorafleet` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cluster.records import read_fleet_record
+from cluster.tensorboard import logdir_spec
+from launch.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded 2-CPU cluster for the module (Ray start-up costs seconds on 2 cores)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def write_fleet(tmp_path: Path, model_dir: Path, data: dict[str, Path], jobs: list[dict], **defaults) -> Path:
+    base = {
+        "model": str(model_dir),
+        "quant": {"bits": 4, "type": "nf4", "double_quant": True},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attn"},
+        "optim": {"name": "adamw", "lr": 5e-3, "schedule": "constant", "warmup_ratio": 0.0},
+        "train": {"max_steps": 4, "micro_batch": 4, "grad_accum": 1, "seq_len": 64, "seed": 7, "dtype": "fp32"},
+        "data": {"train": {"path": str(data["train"])}, "eval": {"path": str(data["eval"])}},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0, "keep": 2},
+    }
+    for key, value in defaults.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+    fleet = {"name": "test", "defaults": base, "resources": {"gpus_per_job": 1, "cpus_per_job": 1}, "jobs": jobs, "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def adapter_weights(job_dir: Path) -> dict:
+    return load_file(job_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_three_jobs_on_two_slots_queue_in_order_and_a_rerun_trains_nothing(local_ray, tmp_path, tiny_model_dir, toy_data):
+    from peft import PeftModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    path = write_fleet(tmp_path, tiny_model_dir, toy_data, [{"name": "a"}, {"name": "b", "lora": {"r": 4}}, {"name": "c"}])
+    output = run_cli("run", str(path))
+    assert "fleet summary" in output and "makespan" in output and "aggregate tokens/s" in output
+
+    run_dir = tmp_path / "run"
+    record = read_fleet_record(run_dir)
+    assert record.state == "finished" and [job.state for job in record.jobs.values()] == ["finished"] * 3
+    attempts = [job.attempts[0] for job in record.jobs.values()]
+    assert all(len(job.attempts) == 1 for job in record.jobs.values())
+    assert most_at_once([(a.running_at, a.ended_at) for a in attempts]) == 2  # 2 slots: never 3, but 2 at once
+    assert attempts[0].submitted_at < attempts[1].submitted_at < attempts[2].submitted_at  # fleet order
+    assert attempts[2].placed_at >= min(attempts[0].ended_at, attempts[1].ended_at)  # c waited for a free slot
+    for name, job in record.jobs.items():
+        assert job.result["steps"] == 4 and job.step == 4 and job.adapter_dir == str(run_dir / name / "adapter")
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = PeftModel.from_pretrained(base, job.adapter_dir)
+        assert model.peft_config["default"].r == (4 if name == "b" else 8)
+    summary = record.summary
+    assert summary["finished"] == 3 and summary["slots"] == 2
+    assert summary["tokens"] == sum(job.result["tokens"] for job in record.jobs.values())
+    assert summary["aggregate_tokens_per_s"] == pytest.approx(summary["tokens"] / summary["makespan_s"])
+    assert summary["job_time_s_sum"] > summary["makespan_s"]  # jobs overlapped
+
+    fleet_tb = EventAccumulator(str(run_dir / "tb" / "fleet"))
+    fleet_tb.Reload()
+    assert fleet_tb.Scalars("fleet/finished_jobs")[-1].value == 3
+    assert max(s.value for s in fleet_tb.Scalars("fleet/running_jobs")) <= 2
+    assert logdir_spec(run_dir).split(",") == [f"{n}:{(run_dir / n / 'tb').resolve()}" for n in "abc"] + [f"fleet:{(run_dir / 'tb' / 'fleet').resolve()}"]
+
+    status = run_cli("status", str(run_dir))
+    assert "fleet test: finished" in status and status.count("finished") >= 4
+
+    finals = {name: (run_dir / name / "final.json").stat().st_mtime_ns for name in "abc"}
+    run_cli("run", str(path))
+    again = read_fleet_record(run_dir)
+    assert [job.state for job in again.jobs.values()] == ["skipped"] * 3
+    assert all(len(job.attempts) == 1 for job in again.jobs.values())  # no new attempt: nothing trained
+    assert finals == {name: (run_dir / name / "final.json").stat().st_mtime_ns for name in "abc"}
+    assert again.summary["tokens"] == 0 and again.summary["skipped"] == 3
+
+
+def test_sigkilled_worker_is_retried_from_its_checkpoint_and_ends_with_the_same_weights(local_ray, tmp_path, tiny_model_dir, toy_data):
+    path = write_fleet(
+        tmp_path, tiny_model_dir, toy_data, [{"name": "killed"}, {"name": "undisturbed"}], train={"max_steps": 60}, checkpoint={"every": 5, "keep": 2}
+    )
+    fleet_json = tmp_path / "run" / "fleet.json"
+    killed: list[int] = []
+
+    def kill_mid_job() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            try:
+                job = json.loads(fleet_json.read_text())["jobs"]["killed"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                job = None
+            # Past step 5, the step-5 checkpoint is complete.
+            if job and job["state"] == "running" and job["attempt"] == 1 and 6 <= job["step"] < 50:
+                pid = job["attempts"][-1]["workers"][0]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_mid_job, daemon=True)
+    killer.start()
+    run_cli("run", str(path))
+    killer.join()
+    assert killed, "the job finished before the test could kill it"
+
+    record = read_fleet_record(tmp_path / "run")
+    job = record.jobs["killed"]
+    assert job.state == "finished" and job.attempt == 2
+    assert "worker process died" in job.attempts[0].error and str(killed[0]) in job.attempts[0].error
+    assert job.result["resumed_from_step"] >= 5 and job.result["steps"] == 60
+    assert record.jobs["undisturbed"].attempt == 1 and record.jobs["undisturbed"].result["resumed_from_step"] is None
+    resumed, reference = adapter_weights(tmp_path / "run" / "killed"), adapter_weights(tmp_path / "run" / "undisturbed")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert (resumed[name] - reference[name]).abs().max().item() <= 1e-6, name
+
+
+def test_two_worker_zero2_job_follows_the_one_worker_loss_curve(local_ray, tmp_path, tiny_model_dir, toy_data):
+    """Two workers with micro-batch 2 each see the same global batch of 4 as one worker with micro-batch 4."""
+    path = write_fleet(
+        tmp_path,
+        tiny_model_dir,
+        toy_data,
+        [
+            {"name": "zero2", "train": {"micro_batch": 2}, "resources": {"gpus_per_job": 2}},
+            {"name": "single", "train": {"micro_batch": 4}, "resources": {"gpus_per_job": 1}},
+        ],
+        train={"max_steps": 6},
+    )
+    run_cli("run", str(path))
+    record = read_fleet_record(tmp_path / "run")
+    assert [len(w) for w in (record.jobs["zero2"].attempts[-1].workers, record.jobs["single"].attempts[-1].workers)] == [2, 1]
+
+    def losses(name: str) -> list[float]:
+        rows = [json.loads(line) for line in (tmp_path / "run" / name / "metrics.jsonl").read_text().splitlines()]
+        return [row["train/loss"] for row in rows if "train/loss" in row]
+
+    two, one = losses("zero2"), losses("single")
+    assert len(two) == len(one) == 6
+    assert one[-1] < one[0]  # it trains
+    for step, (a, b) in enumerate(zip(two, one), start=1):
+        # Same data, same global batch: only the order of float sums differs (all-reduce vs one batch).
+        assert a == pytest.approx(b, abs=1e-4), (step, two, one)
+
+
+def test_sigterm_stops_the_workers_and_a_rerun_resumes(local_ray, tmp_path, tiny_model_dir, toy_data):
+    path = write_fleet(tmp_path, tiny_model_dir, toy_data, [{"name": "long"}], train={"max_steps": 100}, checkpoint={"every": 5, "keep": 1})
+    fleet_json = tmp_path / "run" / "fleet.json"
+    env = {**os.environ, "RAY_ADDRESS": local_ray}
+    driver = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, job = time.time() + 240, None
+        while time.time() < deadline and driver.poll() is None:
+            if fleet_json.is_file():
+                job = json.loads(fleet_json.read_text())["jobs"]["long"]
+                if job["state"] == "running" and job["step"] >= 6:
+                    break
+            time.sleep(0.1)
+        assert job and job["step"] >= 6, driver.communicate()[0] if driver.poll() is not None else job
+        driver.send_signal(signal.SIGTERM)
+        output, _ = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, output
+    assert "Run the same command again to resume" in output
+    record = read_fleet_record(tmp_path / "run")
+    assert record.state == "interrupted" and record.jobs["long"].state == "interrupted"
+    pid = record.jobs["long"].attempts[-1].workers[0]["pid"]
+    deadline = time.time() + 20
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists(), "the worker outlived the driver"
+
+    run_cli("run", str(path))
+    again = read_fleet_record(tmp_path / "run")
+    job = again.jobs["long"]
+    assert job.state == "finished" and job.result["resumed_from_step"] >= 5 and job.attempt == 2
+    assert job.attempts[0].error == "interrupted: the driver was stopped"
+    # This run's figures count only the steps trained after the resume.
+    share = (100 - job.result["resumed_from_step"]) / 100
+    assert again.summary["tokens"] == pytest.approx(job.result["tokens"] * share)
+
+
+def test_a_job_that_keeps_failing_is_marked_failed_and_the_fleet_carries_on(local_ray, tmp_path, tiny_model_dir, toy_data):
+    # Every completion is far longer than seq_len: the path exists (the fleet validates), the trainer refuses it.
+    overlong = tmp_path / "overlong.jsonl"
+    overlong.write_text("".join(json.dumps({"prompt": "Q:", "completion": " plus" * 300}) + "\n" for _ in range(8)))
+    path = write_fleet(
+        tmp_path,
+        tiny_model_dir,
+        toy_data,
+        [{"name": "broken", "data": {"train": {"path": str(overlong)}, "eval": None}, "resources": {"max_failures": 1}}, {"name": "fine"}],
+    )
+    result = CliRunner().invoke(app, ["run", str(path)], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    record = read_fleet_record(tmp_path / "run")
+    broken, fine = record.jobs["broken"], record.jobs["fine"]
+    assert broken.state == "failed" and broken.attempt == 2  # the first try and max_failures=1 retry
+    assert all(a.error.startswith("JobError: ") and "seq_len" in a.error for a in broken.attempts)
+    assert broken.error == broken.attempts[-1].error
+    assert fine.state == "finished" and fine.result["steps"] == 4
+    assert record.state == "failed" and record.summary["failed"] == 1 and record.summary["finished"] == 1
+    assert "broken" in result.output and "errors" in result.output
