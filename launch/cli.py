@@ -40,30 +40,22 @@ def train(
 
 @app.command()
 def demo(
-    job_file: Path = typer.Option(Path("examples/job.yaml"), help="The demo job."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+    fleet_file: Path = typer.Option(Path("examples/fleet_demo.yaml"), help="The demo fleet."),
+    set_: list[str] = typer.Option([], "--set", help="Override a fleet-file field (repeatable)."),
 ) -> None:
-    """Train the demo adapter (SmolLM2-135M QLoRA on generated arithmetic) and show eval loss before and after."""
-    from rich.table import Table
-
+    """Generate the demo data and train the demo fleet: two SmolLM2-135M QLoRA adapters on two tasks,
+    on an embedded local Ray cluster. The summary shows each job's eval loss before -> after."""
+    from launch import cli_fleet
     from launch.demo_data import write_demo_data
 
     write_demo_data(Path("examples/data"))
-    config = load_job_config(job_file, set_)
-    from trainer import run_job
-
-    result = run_job(config)
-    table = Table(title=f"demo: {config.name}")
-    for column in ("eval loss before", "eval loss after", "steps", "tokens", "wall time (s)"):
-        table.add_column(column, justify="right")
-    table.add_row(f"{result.initial_eval_loss:.4f}", f"{result.eval_loss:.4f}", str(result.steps), str(result.tokens), f"{result.wall_time_s:.0f}")
-    Console().print(table)
-    console.print(f"adapter: {result.adapter_dir}  (TensorBoard: lorafleet tb {config.output_dir} or tensorboard --logdir {config.output_dir}/tb)")
+    cli_fleet.run(fleet_file, address=None, max_concurrent=None, num_cpus=None, set_=set_)
 
 
 # Commands of the other rooms register themselves here.
 from launch import cli_fleet; cli_fleet.register(app)  # noqa: E402,E702
 from launch import cli_eval; cli_eval.register(app)  # noqa: E402,E702
+from launch import cli_compose; cli_compose.register(app)  # noqa: E402,E702
 
 def main() -> None:
     app(prog_name="lorafleet")

@@ -95,7 +95,7 @@ def save_checkpoint(
     """
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)  # embeddings are never trained
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         if extra_files is not None:

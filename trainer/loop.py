@@ -204,7 +204,7 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
         resumed_from_step=int(resume_from.name.removeprefix("step-")) if resume_from else None,
     )
     if tracker is not None:
-        atomic_directory(result.adapter_dir, lambda tmp: model.save_pretrained(tmp))
+        atomic_directory(result.adapter_dir, lambda tmp: model.save_pretrained(tmp, save_embedding_layers=False))
         hparam_values = _flatten(config_dump)
         tracker.log_hparams(hparam_values, {"hparam/train_loss": train_loss, "hparam/eval_loss": eval_loss or math.nan})
         tracker.close()
