@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 import torch
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -243,3 +244,35 @@ def test_unreachable_hub_id_names_the_ways_out(monkeypatch):
 def test_missing_local_model_directory_is_explained(tmp_path):
     with pytest.raises(ModelSpecError, match="config.json"):
         resolve_model_dir(str(tmp_path))
+
+
+def test_job_evaluates_tasks_and_forgetting_and_rehearses_on_the_bases_own_answers(make_job, toy_data, tmp_path):
+    prompts = tmp_path / "general.txt"
+    prompts.write_text("".join(f"What is the number {i}?\n" for i in range(12)))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(
+        yaml.safe_dump(
+            {
+                "tasks": [{"name": "toy", "path": str(toy_data["eval"]), "metric": "exact_match", "n": 8, "max_new_tokens": 4}],
+                "forgetting": {"prompts": str(prompts), "n": 6, "max_new_tokens": 6},
+            }
+        )
+    )
+    config = make_job(
+        train={"max_steps": 6},
+        eval={"every": 3, "tasks": str(tasks)},
+        forgetting={"rehearsal": {"source": "prior", "prompts": str(prompts), "ratio": 0.25, "max_new_tokens": 6}},
+        data={"mix": {"by": "examples", "window": 4}},
+    )
+    result = run_job(config)
+    rows = read_metrics(config.output_dir)
+    evals = {r["step"]: r for r in rows if "eval/toy/exact_match" in r}
+    assert sorted(evals) == [0, 3, 6]
+    # At step 0 the adapter is the identity (B = 0): no drift from the base at all.
+    assert evals[0]["eval/forgetting/drift_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert evals[6]["eval/forgetting/drift_kl"] > 0
+    assert 0.0 <= evals[6]["eval/toy/exact_match"] <= 1.0
+    assert result.metrics["eval/forgetting/drift_kl"] == evals[6]["eval/forgetting/drift_kl"]
+    # The prior source (the base's answers) makes up a quarter of every window of examples.
+    ratios = [r["data/rehearsal_ratio"] for r in rows if "data/rehearsal_ratio" in r]
+    assert ratios and all(abs(ratio - 0.25) <= 1 / 16 for ratio in ratios)

@@ -26,9 +26,11 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.engines import DeepSpeedEngine, LocalEngine, World
+from trainer.evaluation import build_base_reference, evaluate_tasks, load_tasks_file
 from trainer.losses import MODEL_INPUTS, compute_loss, token_cross_entropy_sum
 from trainer.models import PRESETS, ModelSpecError, compute_dtype, default_device, load_base_model, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.prior import ensure_prior_dataset, with_prior_rehearsal
 from trainer.tracking import Tracker, configure_console, peak_memory_bytes
 
 if TYPE_CHECKING:
@@ -87,6 +89,10 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
         base = load_base_model(config.model, config.quant, dtype, device)
     except ModelSpecError as err:
         raise JobError(str(err)) from None
+    data = config.data
+    rehearsal = config.forgetting.rehearsal
+    if rehearsal is not None:  # the frozen base's own answers, generated once per base model and cached
+        data = with_prior_rehearsal(data, ensure_prior_dataset(config.model, rehearsal, quant=config.quant, model=base, tokenizer=tokenizer), rehearsal)
     model = attach_adapter(base, config.lora, train.max_steps, train.grad_checkpointing, base_name=_adapter_base_name(config.model))
     optimizer = build_optimizer(parameter_groups(model, optim, config.lora), optim)
     scheduler = build_scheduler(optimizer, optim, train.max_steps)
@@ -102,9 +108,9 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
 
     try:
         stream = build_train_stream(
-            config.data, tokenizer, seq_len=train.seq_len, micro_batch=train.micro_batch, seed=train.seed, rank=world.rank, world_size=world.size
+            data, tokenizer, seq_len=train.seq_len, micro_batch=train.micro_batch, seed=train.seed, rank=world.rank, world_size=world.size
         )
-        eval_batches = build_eval_batches(config.data, tokenizer, seq_len=train.seq_len, micro_batch=train.micro_batch) if config.data.eval else []
+        eval_batches = build_eval_batches(data, tokenizer, seq_len=train.seq_len, micro_batch=train.micro_batch) if data.eval else []
         eval_batches = [_model_batch(b, packed) for b in eval_batches]
     except DataError as err:
         raise JobError(str(err)) from None
@@ -126,9 +132,22 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
 
     tracker = Tracker(output_dir, train.max_steps, step, report) if world.is_main else None
     log = tracker.log if tracker is not None else _no_op_log
-    if resume_from is None and eval_batches:
-        initial_eval_loss = evaluate_loss(model, eval_batches)
-        log(0, {"eval/loss": initial_eval_loss})
+    tasks = load_tasks_file(config.eval.tasks) if config.eval.tasks else None
+    # What the base does on the tasks and the forgetting probe (adapters off), to measure drift against.
+    base_reference = build_base_reference(model, tokenizer, tasks) if tasks else None
+
+    def evaluate(at_step: int) -> dict[str, float]:
+        metrics = {"eval/loss": evaluate_loss(model, eval_batches, config.eval.max_batches)} if eval_batches else {}
+        if tasks is not None:
+            metrics.update(evaluate_tasks(model, tokenizer, tasks, base_reference=base_reference))
+        if metrics:
+            log(at_step, metrics)
+        return metrics
+
+    eval_metrics: dict[str, float] = {}
+    if resume_from is None:
+        eval_metrics = evaluate(0)
+        initial_eval_loss = eval_metrics.get("eval/loss")
 
     def write_checkpoint(at_step: int) -> None:
         shards = output_dir / CHECKPOINTS / f".shards-step-{at_step}"
@@ -185,9 +204,9 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
             metrics["train/l2"] = l2
         if step % train.log_every == 0 or step == train.max_steps:
             log(step, metrics)
-        if eval_batches and (step == train.max_steps or (config.eval.every and step % config.eval.every == 0)):
-            eval_loss = evaluate_loss(model, eval_batches, config.eval.max_batches)
-            log(step, {"eval/loss": eval_loss})
+        if step == train.max_steps or (config.eval.every and step % config.eval.every == 0):
+            eval_metrics = evaluate(step)
+            eval_loss = eval_metrics.get("eval/loss")
         if step == train.max_steps or (config.checkpoint.every and step % config.checkpoint.every == 0):
             write_checkpoint(step)
 
@@ -202,6 +221,7 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
         initial_eval_loss=initial_eval_loss,
         peak_memory_bytes=peak_memory_bytes(),
         resumed_from_step=int(resume_from.name.removeprefix("step-")) if resume_from else None,
+        metrics=eval_metrics,
     )
     if tracker is not None:
         atomic_directory(result.adapter_dir, lambda tmp: model.save_pretrained(tmp, save_embedding_layers=False))
