@@ -5,7 +5,7 @@ model with one or more adapters (the active adapter is evaluated). Task metrics:
 
 - `gsm8k`: every integer in the output is extracted; correct if the first or the last equals the gold.
 - `exact_match` / `contains`: whitespace-normalised equality / containment of the gold string.
-- `label`: classification; the output is normalised and matched against a label set.
+- `label`: classification; the output is normalised and matched against a label set (see predict_label).
 - `loss` / `ppl`: token-mean NLL (and its exp) of the reference responses given the prompts.
 
 Forgetting metrics compare the adapted model with its own base (adapters switched off with peft's
@@ -23,6 +23,7 @@ Names follow the design: `eval/<task>/<metric>` and `eval/forgetting/<metric>`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
@@ -40,7 +42,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCrit
 from data_pipeline.config import NAMED_TEMPLATES, PLACEHOLDER, SourceConfig, check_template
 from data_pipeline.encoding import resolve_template
 from data_pipeline.sources import iter_chunks, parse_example
-from data_pipeline.splits import ContentSplitter
+from data_pipeline.splits import source_splitter
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -59,14 +61,14 @@ TEMPLATE_HELP = (
 class EvalTaskConfig(BaseModel):
     model_config = STRICT
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Task name; metrics are logged as eval/<name>/<metric>.")
-    path: Path = Field(description="Rows to evaluate: a JSONL, JSON (list of objects), Parquet or CSV file.")
+    path: Path = Field(description="Rows to evaluate: a JSONL, JSON, Parquet or CSV file, a glob or a directory, read as a data source is.")
     format: RowFormat = Field("prompt_completion", description="Row layout: prompt_completion, question_answer (GSM8K), alpaca, fields (mapped by `fields`) or self_instruct (general_prompts).")
     fields: dict[str, str] = Field(default_factory=dict, description="Column for each role of the format when the file names it differently (as in data sources).")
     split: Literal["train", "validation", "test"] | None = Field(
         None, description="Keep only this part of the data pipeline's content-hash split (same hash as training sources); None keeps all rows."
     )
     split_fractions: tuple[float, float, float] = Field((0.9, 0.05, 0.05), description="Shares of train, validation and test; must equal the training source's.")
-    split_key: str = Field("auto", description="What the split hashes: 'auto' (longest line of the row's text) or a column name, as in data sources.")
+    split_key: str = Field("auto", description="What the split hashes: 'auto' (the row's uncommon words) or a column name; must equal the training source's.")
     metric: Literal["gsm8k", "exact_match", "contains", "label", "loss", "ppl"] = Field(
         description="gsm8k (first or last integer), exact_match, contains, label (normalised label match), loss or ppl on the references."
     )
@@ -246,7 +248,10 @@ def select(examples: list[Example], n: int | None, seed: int | None) -> list[Exa
 
 def task_rows(task: EvalTaskConfig) -> list[Example]:
     """The task's rows after `where`, the content-hash split, the seeded shuffle and `n`."""
-    splitter = ContentSplitter(task.split_fractions, task.split_key) if task.split else None
+    # The same splitter a training source with these settings uses, so held-out rows are never trained on.
+    split = {"split": task.split, "split_fractions": task.split_fractions, "split_key": task.split_key}
+    source = row_source(task.path, task.format, task.fields).model_copy(update=split)
+    splitter = source_splitter(source) if task.split else None
     examples = []
     for example in read_examples(task.path, task.format, task.fields):
         if any(str(example.fields.get(key)) != value for key, value in task.where.items()):
@@ -354,8 +359,9 @@ def normalize_label(text: str) -> str:
 
 
 def predict_label(output: str, labels: Sequence[str]) -> str | None:
-    """The label the output names: an exact normalised match, else the longest label the output starts
-    with (at a word boundary), else None."""
+    """The label the output names: an exact normalised match; else the longest label the output starts
+    with (at a word boundary); else the one label named anywhere as whole words ("The review is
+    positive." -> Positive); None when no label or several are named."""
     said = normalize_label(output)
     by_norm = {normalize_label(label): label for label in labels}
     if said in by_norm:
@@ -363,7 +369,10 @@ def predict_label(output: str, labels: Sequence[str]) -> str | None:
     for norm in sorted(by_norm, key=len, reverse=True):
         if norm and said.startswith(norm) and (len(said) == len(norm) or not said[len(norm)].isalnum()):
             return by_norm[norm]
-    return None
+    named = [norm for norm in by_norm if norm and re.search(rf"(?<!\w){re.escape(norm)}(?!\w)", said)]
+    # A label inside a longer named label ("equivalent" in "not equivalent") is not named on its own.
+    named = [norm for norm in named if not any(norm != other and norm in other for other in named)]
+    return by_norm[named[0]] if len(named) == 1 else None
 
 
 def label_correct(output: str, reference: str, labels: Sequence[str]) -> bool:
@@ -382,14 +391,49 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off and no autograd for the duration; the previous train/eval mode comes back after."""
+    """Dropout off, no autograd, and (on CPU) 4-bit weights dequantized once, for the duration; the
+    previous train/eval mode and the 4-bit forward come back after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dequantized_4bit(model):
             yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def dequantized_4bit(model: torch.nn.Module) -> Iterator[None]:
+    """On CPU, bitsandbytes 4-bit linears run from a weight dequantized once, instead of per call.
+
+    bnb on CPU dequantizes every weight on every forward, so one-token decode steps of SmolLM2-135M ran
+    ~2.8x slower than fp32 (61 s vs 22 s for 4 x 16 new tokens, 2-core CPU). The cost: 4 bytes per weight
+    while evaluating (~0.5 GB for 135M). The weights are the same; only the order of float operations
+    differs. On CUDA, bnb's own kernels are kept."""
+    if model_device(model).type != "cpu":
+        yield
+        return
+    import bitsandbytes as bnb
+
+    patched = []
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        already = "forward" in vars(module)  # inside an outer dequantized_4bit: that one restores it
+        if isinstance(module, bnb.nn.Linear4bit) and state is not None and not already and not getattr(state, "packing_format_for_cpu", False):
+            dtype = module.compute_dtype or state.dtype
+            weight = bnb.functional.dequantize_4bit(module.weight.data, state).to(dtype)
+            bias = module.bias.to(dtype) if module.bias is not None else None
+            module.forward = functools.partial(_dense_linear, weight, bias)  # an instance attribute shadows the class forward
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 def adapters_off(model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -589,7 +633,7 @@ class BaseReference:
 
 def build_base_reference(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: TasksFile) -> BaseReference:
     """Run the base model (adapters off, if any) on the forgetting probe and on the general tasks."""
-    with adapters_off(model):
+    with adapters_off(model), dequantized_4bit(model):
         general_scores = {}
         for task in tasks.tasks:
             if task.general:
@@ -619,6 +663,13 @@ def evaluate_tasks(
 
     `base_reference` (from build_base_reference) is computed here when not given; a training loop builds
     it once and passes it to every evaluation. The model's train/eval mode is restored afterwards."""
+    with dequantized_4bit(model):  # once for all the tasks' generate and score calls
+        return _evaluate_tasks(model, tokenizer, tasks, base_reference)
+
+
+def _evaluate_tasks(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: TasksFile, base_reference: BaseReference | None
+) -> dict[str, float]:
     if base_reference is None:
         base_reference = build_base_reference(model, tokenizer, tasks)
     metrics: dict[str, float] = {}
@@ -669,7 +720,8 @@ def evaluate_matrix(
     """Metrics of the base alone and of each adapter on it: {"base": {...}, "<adapter>": {...}}.
 
     The adapters are loaded side by side into one PEFT model over the one base (a few MB each) and
-    switched with set_adapter; the base reference is computed once for all rows."""
+    switched with set_adapter; the base reference is computed once for all rows. peft injects the adapter
+    layers into `base_model` in place: use a base loaded for this evaluation."""
     from peft import PeftModel  # peft is only needed when adapters are evaluated
 
     for path in adapter_dirs:

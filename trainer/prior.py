@@ -86,8 +86,9 @@ def ensure_prior_dataset(
 ) -> Path:
     """The JSONL of the base model's answers to the rehearsal prompts, generated on first use and cached.
 
-    Pass the job's already-loaded `model` (with adapters off or not yet attached) and `tokenizer` to avoid
-    loading the base twice; otherwise the base is loaded here, quantized as `quant` says."""
+    Pass the job's already-loaded `model` (bare, or with its adapter: generation switches adapters off)
+    and `tokenizer` to avoid loading the base twice; otherwise the base is loaded here, quantized as
+    `quant` says. `dtype` defaults to the model's compute dtype; it is part of the cache key."""
     dtype = dtype or (model_dtype(model) if model is not None else compute_dtype("auto"))
     target = cache_root() / "prior" / prior_cache_key(model_spec, quant, settings, dtype)
     if (target / DATA_FILE).is_file():

@@ -1,0 +1,162 @@
+"""`lorafleet eval` (an adapter matrix: task and forgetting metrics) and `lorafleet prior` (self-generated
+rehearsal data)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from launch.config import ConfigError
+
+errors = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def base_model_of(adapter_dirs: list[Path]) -> tuple[str, dict]:
+    """The model spec and quant section of the jobs that trained these adapters (from each job's
+    config.yaml beside its adapter/); all must agree."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for adapter in adapter_dirs:
+        job_yaml = adapter.parent / "config.yaml"
+        if not job_yaml.is_file():
+            raise ConfigError(f"{adapter}: no job config.yaml beside it to name its base model; pass --model")
+        job = yaml.safe_load(job_yaml.read_text()) or {}
+        spec = (job.get("model", "smollm2-135m"), json.dumps(job.get("quant", {}), sort_keys=True))
+        found.setdefault(spec, []).append(str(adapter))
+    if len(found) > 1:
+        listing = "; ".join(f"{model} {quant}: {', '.join(dirs)}" for (model, quant), dirs in found.items())
+        raise ConfigError(f"the adapters were trained on different base models or quantizations ({listing}); evaluate them separately")
+    model, quant = next(iter(found))
+    return model, json.loads(quant)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(temp, path)
+
+
+def matrix_csv(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["model", *columns])
+    for name, metrics in rows.items():
+        writer.writerow([name, *(metrics.get(column, "") for column in columns)])
+    return buffer.getvalue()
+
+
+def matrix_table(rows: dict[str, dict[str, float]], columns: list[str], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("model", style="bold")
+    for column in columns:
+        group, _, metric = column.removeprefix("eval/").rpartition("/")
+        table.add_column(f"{group}\n{metric}", justify="right", overflow="fold")
+    for name, metrics in rows.items():
+        cells = []
+        for column in columns:
+            value = metrics.get(column)
+            cells.append("-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}")
+        table.add_row(name, *cells)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_command(
+        tasks_file: Path = typer.Option(..., "--tasks", help="Tasks YAML: tasks (data, template, metric) and a forgetting probe."),
+        adapters: list[Path] = typer.Option([], "--adapters", help="Adapter directories (PEFT): --adapters A B C. None evaluates the base alone."),
+        more_adapters: list[Path] = typer.Argument(None, help="Further adapter directories (this is what lets --adapters take several).", show_default=False),
+        model: str | None = typer.Option(None, "--model", help="Base model; default: the `model` of the jobs that trained the adapters."),
+        bits: int | None = typer.Option(None, "--bits", help="Base precision 4, 8 or 16; default: the adapters' job config, else 4."),
+        out: Path = typer.Option(Path("eval_results"), "--out", help="Directory for matrix.csv and matrix.json."),
+    ) -> None:
+        """Evaluate the base model and each adapter: task metrics and forgetting metrics, one row each."""
+        from trainer.config import QuantConfig
+        from trainer.evaluation import TasksFileError, evaluate_matrix, load_tasks_file
+        from trainer.models import ModelSpecError, load_base_model, load_tokenizer
+
+        adapters = [*adapters, *(more_adapters or [])]
+        try:
+            tasks = load_tasks_file(tasks_file)
+            missing = [str(a) for a in adapters if not (a / "adapter_config.json").is_file()]
+            if missing:
+                raise ConfigError(f"not PEFT adapter directories (no adapter_config.json): {', '.join(missing)}")
+            quant_section: dict = {}
+            if model is None:
+                if not adapters:
+                    raise ConfigError("--model is needed when no --adapters are given")
+                model, quant_section = base_model_of(adapters)
+            if bits is not None:
+                quant_section = {**quant_section, "bits": bits}
+            quant = QuantConfig.model_validate(quant_section)
+            tokenizer = load_tokenizer(model)
+        except (ConfigError, TasksFileError, ModelSpecError, ValueError) as err:
+            fail(str(err))
+        base = load_base_model(model, quant)
+        rows = evaluate_matrix(base, tokenizer, adapters, tasks)
+        # Task columns first, then the forgetting ones.
+        columns = sorted({name for metrics in rows.values() for name in metrics}, key=lambda c: (c.startswith("eval/forgetting/"), c))
+        console = Console()
+        console.print(matrix_table(rows, columns, title=f"{model} ({quant.bits}-bit) on {tasks_file}"))
+        summary = {"model": model, "quant": quant.model_dump(mode="json"), "tasks_file": str(tasks_file), "adapters": [str(a) for a in adapters], "rows": rows}
+        write_atomic(out / "matrix.json", json.dumps(summary, indent=2))
+        write_atomic(out / "matrix.csv", matrix_csv(rows, columns))
+        console.print(f"wrote {out / 'matrix.csv'} and {out / 'matrix.json'}")
+
+    @app.command("prior")
+    def prior_command(
+        model: str = typer.Option(..., "--model", help="Base model spec (preset, local HF dir, .gguf)."),
+        prompts: Path = typer.Option(..., "--prompts", help="General prompts: .txt (one per line) or JSONL/JSON/Parquet/CSV rows."),
+        out: Path = typer.Option(..., "--out", help="Directory to write data.jsonl (prompt_completion) and meta.json into."),
+        prompt_format: str = typer.Option("self_instruct", "--format", help="Row layout of the prompts file: self_instruct, prompt_completion, question_answer, alpaca."),
+        n: int | None = typer.Option(None, "--n", help="Use the first n prompts."),
+        template: str = typer.Option("auto", "--template", help="Prompt template (auto, chat, none, named, or a {column} string); train with the same one."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Length cap of each answer."),
+        temperature: float = typer.Option(0.0, "--temperature", help="0 answers greedily; above 0 samples."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass when sampling."),
+        seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
+        bits: int = typer.Option(4, "--bits", help="Base precision: 4, 8 or 16."),
+    ) -> None:
+        """Have the frozen base model answer general prompts; the result is a rehearsal source for training."""
+        from pydantic import ValidationError
+
+        from trainer.config import QuantConfig, RehearsalConfig
+        from trainer.evaluation import TasksFileError
+        from trainer.models import ModelSpecError, load_base_model, load_tokenizer
+        from trainer.prior import build_prior_dataset
+
+        try:
+            settings = RehearsalConfig(
+                prompts=prompts, format=prompt_format, n=n, template=template, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+            )
+            quant = QuantConfig(bits=bits)
+            tokenizer = load_tokenizer(model)
+        except ValidationError as err:
+            fail("; ".join(f"--{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in err.errors()))
+        except (TasksFileError, ModelSpecError, ValueError) as err:
+            fail(str(err))
+        base = load_base_model(model, quant)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = build_prior_dataset(out.resolve(), base, tokenizer, settings, model_spec=model, quant=quant)
+        Console().print(
+            f"wrote {meta['rows']} rows to {out / 'data.jsonl'} in {meta['generation_s']:.1f} s; train with "
+            f"{{path: {out / 'data.jsonl'}, format: prompt_completion, role: rehearsal, template: {template}}}"
+        )
