@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from _common import describe, machine_description, write_atomic  # noqa: E402
 from launch.config import JobConfig  # noqa: E402
 from trainer import run_job  # noqa: E402
 from trainer.config import QuantConfig, RehearsalConfig  # noqa: E402
@@ -101,14 +99,6 @@ def job_config(name: str, arm: dict, task_file: Path, prior: Path | None, rehear
         # What a job with forgetting.rehearsal does inline: the cached prior dataset as a 20% source.
         config.data = with_prior_rehearsal(config.data, prior, rehearsal)
     return config
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(temp, path)
 
 
 COLUMNS = [
@@ -206,7 +196,7 @@ def main() -> None:
     eval_s = time.perf_counter() - eval_started
     summary = {
         "command": "python benchmarks/forgetting.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}, {platform.platform()}",
+        "machine": describe(machine_description()) + " (cores shared with other processes)",
         "setup": (
             f"{MODEL} 4-bit NF4 QLoRA r16 attn, {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens (packed), "
             f"lr {args.lr} cosine, seed 0; task amazon_polarity/{TASK_TEMPLATE} split {SPLIT} (eval on test part, n={args.n_eval}); "

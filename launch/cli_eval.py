@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import typer
@@ -42,14 +40,6 @@ def base_model_of(adapter_dirs: list[Path]) -> tuple[str, dict]:
         raise ConfigError(f"the adapters were trained on different base models or quantizations ({listing}); evaluate them separately")
     model, quant = next(iter(found))
     return model, json.loads(quant)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(temp, path)
 
 
 def matrix_csv(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
@@ -115,8 +105,10 @@ def register(app: typer.Typer) -> None:
         console = Console()
         console.print(matrix_table(rows, columns, title=f"{model} ({quant.bits}-bit) on {tasks_file}"))
         summary = {"model": model, "quant": quant.model_dump(mode="json"), "tasks_file": str(tasks_file), "adapters": [str(a) for a in adapters], "rows": rows}
-        write_atomic(out / "matrix.json", json.dumps(summary, indent=2))
-        write_atomic(out / "matrix.csv", matrix_csv(rows, columns))
+        from trainer.checkpoint import atomic_write_text
+
+        atomic_write_text(out / "matrix.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "matrix.csv", matrix_csv(rows, columns))
         console.print(f"wrote {out / 'matrix.csv'} and {out / 'matrix.json'}")
 
     @app.command("prior")

@@ -1,0 +1,170 @@
+"""`lorafleet compose` (combine adapters), `lorafleet restore` (PLR: an adapter on its base at 16, 8 or
+4 bits, optionally merged) and `lorafleet plr` (the adapter evaluated on all three bases)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+errors = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def options_error(err: ValidationError) -> str:
+    """A pydantic error on the options, phrased as the options the user typed."""
+    return "; ".join(
+        f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'} = {e.get('input')!r}: {e['msg']}" for e in err.errors()
+    )
+
+
+def energy_table(record: dict) -> Table:
+    table = Table(title=f"composed: {record['method']}")
+    table.add_column("adapter")
+    table.add_column("weight", justify="right")
+    for spec, weight in zip(record["inputs"], record["weights"]):
+        table.add_row(spec["path"], f"{weight:.4g}")
+    if record.get("retained_energy") is not None:
+        table.caption = f"SVD retained energy {record['retained_energy']:.4f} (rank {record['svd_rank'] or 'Σr per module'})"
+    return table
+
+
+def error_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("module")
+    columns = sorted({k for row in rows for k in row if k.startswith("rel_err_")})
+    for column in columns:
+        table.add_column(column.removeprefix("rel_err_") + " ‖W−deq(q(W))‖/‖W‖", justify="right")
+    for row in rows:
+        table.add_row(row["module"], *(f"{row[c]:.4f}" if c in row else "-" for c in columns))
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compose")
+    def compose_command(
+        adapters: list[str] = typer.Option(..., "--adapters", help="PEFT adapter directories: --adapters A,B,C or --adapters A --adapters B ..."),
+        out: Path = typer.Option(..., "--out", help="Directory for the composed PEFT adapter and compose.json."),
+        weights: list[str] = typer.Option([], "--weights", help="One weight per adapter, in order: --weights 0.5,0.3,0.2 or repeated. Default: 1/n for linear and svd, 1 otherwise."),
+        method: str = typer.Option("linear", "--method", help="linear | task_arithmetic | svd | ties | dare_linear | dare_ties | magnitude | learned"),
+        lam: float = typer.Option(1.0, "--lambda", help="Overall strength λ for task_arithmetic, ties, dare_* and magnitude."),
+        density: float = typer.Option(0.5, "--density", help="Share of entries kept by ties, dare_* and magnitude."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the DARE drop masks."),
+        svd_rank: int | None = typer.Option(None, "--svd-rank", help="Re-compress to this rank (truncated SVD) and report the retained energy."),
+        tasks: Path | None = typer.Option(None, "--tasks", help="learned: tasks YAML whose rows are the validation examples."),
+        examples: int = typer.Option(16, "--examples", help="learned: number of validation examples."),
+        steps: int = typer.Option(60, "--steps", help="learned: Adam steps."),
+        l1: float = typer.Option(0.01, "--l1", help="learned: L1 penalty on the weights."),
+        per_layer: bool = typer.Option(False, "--per-layer", help="learned: one weight per adapter and layer."),
+        base: str | None = typer.Option(None, "--base", help="Base model spec, when the adapters name none or disagree."),
+    ) -> None:
+        """Combine adapters into one PEFT adapter (exact linear sum, task arithmetic, TIES, DARE, magnitude, SVD, learned)."""
+        from compositor.adapters import AdapterError
+        from compositor.config import ComposeConfig
+        from compositor.pipeline import run_compose
+
+        # Typer options take one value each; a comma-separated list stands in for "--adapters A B C".
+        adapter_list = [item for value in adapters for item in value.split(",") if item]
+        try:
+            weight_list = [float(item) for value in weights for item in value.split(",") if item]
+        except ValueError as err:
+            fail(f"--weights {weights}: {err}; give numbers, e.g. --weights 0.5,0.3,0.2")
+        try:
+            learn = None
+            if method == "learned":
+                if tasks is None:
+                    fail("--method learned needs --tasks TASKS.yaml (the validation examples to fit the weights on)")
+                learn = {"tasks": tasks, "examples": examples, "steps": steps, "l1": l1, "per_layer": per_layer}
+            config = ComposeConfig(
+                name=re.sub(r"[^A-Za-z0-9_.-]", "-", out.name).lstrip("-._") or "composed", adapters=adapter_list, method=method, weights=weight_list or None,
+                lam=lam, density=density, seed=seed, svd_rank=svd_rank, learn=learn,
+            )
+        except ValidationError as err:
+            fail(options_error(err))
+        try:
+            record = run_compose(config, out, base=base)
+        except (AdapterError, ValueError) as err:
+            fail(str(err))
+        console = Console()
+        console.print(energy_table(record))
+        if "learned" in record:
+            fit = record["learned"]
+            console.print(f"learned weights {[round(w, 4) for w in fit['weights']]}: loss {fit['initial_loss']:.4f} -> {fit['final_loss']:.4f} in {fit['fit_s']:.1f} s")
+        console.print(f"wrote {out} (PEFT adapter) and {out / 'compose.json'}")
+
+    @app.command("restore")
+    def restore_command(
+        adapter: Path = typer.Argument(..., help="PEFT adapter directory (trained on a 4-bit base, typically)."),
+        base_precision: int = typer.Option(..., "--base-precision", help="16 (original weights), 8 (int8) or 4 (NF4, as in training)."),
+        out: Path = typer.Option(..., "--out", help="Output directory."),
+        merge: bool = typer.Option(False, "--merge", help="Write a merged model (AutoModelForCausalLM.from_pretrained loads it)."),
+        dtype: str | None = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16; default: the base's own dtype at 16 bits, fp32 compute at 8/4."),
+        base: str | None = typer.Option(None, "--base", help="Base model spec; default: the adapter's base_model_name_or_path."),
+        compare: bool = typer.Option(True, "--compare-merges/--no-compare-merges", help="With --merge: measure how merging into W, into deq(NF4(W)) and into the NF4 model differ from the trained model."),
+    ) -> None:
+        """Post-LoRA Restoration: apply the adapter to the base at 16, 8 or 4 bits, optionally merged."""
+        from compositor.adapters import AdapterError
+        from compositor.restore import PRECISIONS, restore
+        from trainer.models import ModelSpecError
+
+        if base_precision not in PRECISIONS:
+            fail(f"--base-precision {base_precision} is not one of 16, 8, 4")
+        try:
+            result = restore(adapter, base_precision, out, merge=merge, dtype=dtype, base=base, compare_merges=compare)
+        except (AdapterError, ModelSpecError) as err:
+            fail(str(err))
+        console = Console()
+        report = result.record.get("merge_comparison")
+        console.print_json(json.dumps({k: v for k, v in result.record.items() if k != "merge_comparison"}))
+        if report is not None:
+            table = Table(title="merging a QLoRA adapter: distance from the trained model (adapter on NF4, unmerged)")
+            for column in ("merge", "max |Δlogit|", "mean KL"):
+                table.add_column(column)
+            for label, row in report["variants"].items():
+                table.add_row(label, f"{row['max_abs_logit_diff']:.3g}", f"{row['mean_kl_from_trained']:.3g}")
+            console.print(table)
+            if "requantization_loss_mean" in report:
+                console.print(f"re-quantizing after the merge loses {report['requantization_loss_mean']:.1%} of ‖ΔW‖ on average per layer")
+        console.print(f"wrote {out}")
+
+    @app.command("plr")
+    def plr_command(
+        adapter: Path = typer.Argument(..., help="PEFT adapter directory."),
+        tasks: Path = typer.Option(..., "--tasks", help="Tasks YAML: task metrics and the forgetting probe."),
+        out: Path | None = typer.Option(None, "--out", help="Write plr.json here (directory)."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Dtype of the 16-bit base (default: its own)."),
+        base: str | None = typer.Option(None, "--base", help="Base model spec; default: the adapter's base_model_name_or_path."),
+    ) -> None:
+        """Evaluate the adapter on its 4-bit, 8-bit and 16-bit bases side by side, with the quantization error per layer."""
+        from compositor.adapters import AdapterError, write_json_atomic
+        from compositor.pipeline import plr_report
+        from trainer.evaluation import TasksFileError
+        from trainer.models import ModelSpecError
+
+        try:
+            report = plr_report(adapter, tasks, dtype=dtype, base=base)
+        except (AdapterError, TasksFileError, ModelSpecError) as err:
+            fail(str(err))
+        console = Console()
+        names = sorted({k for col in report["columns"].values() for k in col["adapter"]}, key=lambda c: (c.startswith("eval/forgetting/"), c))
+        table = Table(title=f"PLR: {adapter} on {report['base_model']}")
+        table.add_column("metric")
+        for label in report["columns"]:
+            table.add_column(f"{label} ({report['columns'][label]['dtype']})", justify="right")
+        for name in names:
+            table.add_row(name.removeprefix("eval/"), *(f"{col['adapter'].get(name, float('nan')):.4g}" for col in report["columns"].values()))
+        console.print(table)
+        console.print(error_table(report["quantization_error"], "per-layer quantization error"))
+        console.print({k: round(v, 5) for k, v in report["quantization_error_summary"].items()})
+        if out is not None:
+            write_json_atomic(out / "plr.json", report)
+            console.print(f"wrote {out / 'plr.json'}")
