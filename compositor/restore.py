@@ -1,0 +1,250 @@
+"""Post-LoRA Restoration (PLR): put an adapter trained on a 4-bit base onto the base at 16, 8 or 4 bits,
+optionally merged, and measure what each choice changes.
+
+- 16 (PLR16): the original weights in the dtype the base model provides (fp32 for the smollm2-135m
+  preset, which is dequantized from GGUF to fp32; a bf16 model stays bf16), unless a dtype is given.
+- 8 (PLR8): the base re-quantized to int8 (bitsandbytes LLM.int8, row-wise absmax).
+- 4: the NF4 base, exactly as in training.
+
+Merging is where tools disagree silently. Merging into the *original* W gives W + ΔW, which is not
+the model the adapter was trained with: that model is deq(NF4(W)) + ΔW. And merging into a 4-bit
+model re-quantizes, q(deq(q(W)) + ΔW), which loses part of ΔW. `merge_comparison` measures all three
+against the unmerged adapter on the NF4 base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from compositor.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, atomic_directory, read_adapter, write_json_atomic
+from trainer.config import QuantConfig
+from trainer.models import load_base_model, load_tokenizer, resolve_model_dir
+
+PRECISIONS = (16, 8, 4)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_spec_of(adapter_dir: str | Path, override: str | None = None) -> str:
+    """The base model spec an adapter names in adapter_config.json (the trainer writes the job's
+    `model` there), unless `override` gives one."""
+    if override:
+        return override
+    config_path = Path(adapter_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{adapter_dir}: not a PEFT adapter directory, {CONFIG_FILE} is missing")
+    spec = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not spec:
+        raise AdapterError(f"{config_path}: base_model_name_or_path is empty; pass --base to name the base model")
+    return spec
+
+
+def native_dtype(spec: str) -> torch.dtype:
+    """The dtype the base model's own weights are stored in (config.json `dtype`/`torch_dtype`), fp32 if unstated."""
+    model_dir = Path(resolve_model_dir(spec))
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+
+
+def resolve_dtype(spec: str, precision: int, dtype: str | None) -> torch.dtype:
+    """16-bit: the base's own dtype unless overridden. 8/4-bit: the compute dtype of the quantized
+    layers; fp32 unless overridden (bf16 matmuls on CPU are ~30x slower)."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise AdapterError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return native_dtype(spec) if precision == 16 else torch.float32
+
+
+def load_base(spec: str, precision: int, dtype: torch.dtype, device: torch.device | None = None) -> PreTrainedModel:
+    if precision not in PRECISIONS:
+        raise AdapterError(f"base precision {precision} is not one of {PRECISIONS}")
+    return load_base_model(spec, QuantConfig(bits=precision), dtype=dtype, device=device)
+
+
+def load_restored(adapter_dir: str | Path, precision: int, dtype: str | None = None, base: str | None = None, device: torch.device | None = None) -> PeftModel:
+    """The adapter on the base at `precision` (unmerged), in eval mode."""
+    spec = base_spec_of(adapter_dir, base)
+    model = load_base(spec, precision, resolve_dtype(spec, precision, dtype), device)
+    restored = PeftModel.from_pretrained(model, str(adapter_dir))
+    restored.eval()
+    return restored
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """deq(q(W)) of a bitsandbytes layer as it sits in memory, in fp32."""
+    weight = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        # LLM.int8 stores W row-wise: CB = round(127·W/absmax_row), SCB = absmax_row. After the first
+        # forward pass bitsandbytes moves SCB from the weight to the layer's matmul state.
+        scales = weight.SCB if weight.SCB is not None else module.state.SCB
+        return bnb_functional.int8_vectorwise_dequant(weight.data, scales).float()
+    raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantized layer")
+
+
+def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The bitsandbytes layers by module name; inside a PEFT-wrapped model the name of the layer the
+    LoRA wraps (its `.base_layer` dropped), so names match the plain model's."""
+    return {
+        name.replace(".base_layer", ""): m for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    }
+
+
+def quantization_error_table(full: PreTrainedModel, quantized: dict[int, PreTrainedModel]) -> list[dict]:
+    """Per quantized linear layer: ‖W − deq(q(W))‖/‖W‖ for each given bit width (e.g. {4: m4, 8: m8})."""
+    originals = dict(full.named_modules())
+    layers = {bits: quantized_layers(model) for bits, model in quantized.items()}
+    names = sorted(set().union(*(set(found) for found in layers.values())), key=_natural_key)
+    rows = []
+    for name in names:
+        W = originals[name].weight.detach().float()
+        row = {"module": name, "params": W.numel()}
+        for bits, found in sorted(layers.items()):
+            if name in found:
+                row[f"rel_err_{bits}bit"] = float((W - dequantized_weight(found[name]).to(W.device)).norm() / W.norm())
+        rows.append(row)
+    return rows
+
+
+def summarize_errors(rows: Sequence[dict]) -> dict[str, float]:
+    """Parameter-weighted mean and max of each error column."""
+    summary = {}
+    for column in sorted({k for row in rows for k in row if k.startswith("rel_err_")}):
+        present = [row for row in rows if column in row]
+        weight = sum(row["params"] for row in present)
+        summary[f"{column}_mean"] = sum(row[column] * row["params"] for row in present) / weight
+        summary[f"{column}_max"] = max(row[column] for row in present)
+    return summary
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def dequantized_copy(full: PreTrainedModel, quantized: PreTrainedModel) -> PreTrainedModel:
+    """`full` with every layer that `quantized` quantized replaced by deq(q(W)): the exact weights
+    the adapter saw during QLoRA training, in full precision. Modifies `full` in place."""
+    modules = dict(full.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized_layers(quantized).items():
+            modules[name].weight.copy_(dequantized_weight(layer).to(modules[name].weight.dtype))
+    return full
+
+
+@dataclass
+class RestoreResult:
+    out: Path
+    record: dict
+
+
+def restore(
+    adapter_dir: str | Path,
+    precision: int,
+    out: str | Path,
+    *,
+    merge: bool = False,
+    dtype: str | None = None,
+    base: str | None = None,
+    compare_merges: bool = True,
+) -> RestoreResult:
+    """Apply the adapter to the base at `precision`. Without merge, `out` is the adapter (a PEFT dir)
+    with restore.json naming the base and precision to load it on; with merge, `out` is a merged
+    model directory (weights + tokenizer) that AutoModelForCausalLM.from_pretrained loads, and
+    restore.json also records `merge_comparison` (unless compare_merges is off): how far merging
+    into W, into deq(NF4(W)) and into the NF4 model land from the model the adapter was trained as."""
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    adapter = read_adapter(adapter_dir)  # refuses non-LoRA or broken dirs before any model loads
+    spec = base_spec_of(adapter_dir, base)
+    torch_dtype = resolve_dtype(spec, precision, dtype)
+    record = {
+        "adapter": str(adapter_dir),
+        "adapter_sha256": adapter.fingerprint(),
+        "base_model": spec,
+        "base_precision": precision,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "merged": merge,
+    }
+    with atomic_directory(out) as staging:
+        if merge:
+            restored = load_restored(adapter_dir, precision, dtype, base)
+            merged = restored.merge_and_unload()
+            merged.save_pretrained(staging)
+            tokenizer = load_tokenizer(spec)
+            tokenizer.save_pretrained(staging)
+            if compare_merges:
+                record["merge_comparison"] = merge_comparison(adapter_dir, probe_ids(tokenizer), base)
+            if precision == 4:
+                record["note"] = "merged into the NF4 base and re-quantized: q(deq(q(W)) + ΔW); part of ΔW is lost (see merge_comparison)"
+        else:
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copy2(adapter_dir / name, staging / name)
+        write_json_atomic(staging / "restore.json", record)
+    return RestoreResult(out=out, record=record)
+
+
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Q: Natalia sold clips to 48 of her friends in April. How many? A:")
+
+
+def probe_ids(tokenizer) -> torch.Tensor:
+    """A small fixed probe batch for comparing merges (right-padded; the padding is compared too)."""
+    return tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True)["input_ids"]
+
+
+def merge_comparison(adapter_dir: str | Path, input_ids: torch.Tensor, base: str | None = None) -> dict:
+    """How far each way of merging a QLoRA adapter lands from the model it was trained as (the adapter
+    on the NF4 base, unmerged), in fp32 on the probe `input_ids`:
+
+    - `into_original`: W + ΔW (PLR16 merged);
+    - `into_dequant_nf4`: deq(NF4(W)) + ΔW in fp32 (the trained model, merged exactly);
+    - `into_nf4_requantized`: q(deq(NF4(W)) + ΔW), what merging into a 4-bit model gives.
+
+    Reports max |Δlogit| and mean KL(reference || variant) per variant, and per layer the share of ΔW
+    that re-quantization loses, ‖q(deq(qW)+ΔW) − (deq(qW)+ΔW)‖ / ‖ΔW‖.
+    """
+    spec = base_spec_of(adapter_dir, base)
+    reference = load_restored(adapter_dir, 4, "fp32", base)
+    with torch.no_grad():
+        reference_logits = reference(input_ids=input_ids).logits.float()
+    nf4_layers = quantized_layers(reference.get_base_model())
+    # Exact fp32 copies of deq(qW) + ΔW per layer, taken before anything is merged.
+    deltas = {
+        name.removeprefix("base_model.model."): module.get_delta_weight("default").float()
+        for name, module in reference.named_modules()
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
+    }
+    dequant_before = {name: dequantized_weight(layer) for name, layer in nf4_layers.items()}
+
+    variants: dict[str, PreTrainedModel] = {}
+    variants["into_original"] = PeftModel.from_pretrained(load_base(spec, 16, torch.float32), str(adapter_dir)).merge_and_unload()
+    deq_base = dequantized_copy(load_base(spec, 16, torch.float32), reference.get_base_model())
+    variants["into_dequant_nf4"] = PeftModel.from_pretrained(deq_base, str(adapter_dir)).merge_and_unload()
+    variants["into_nf4_requantized"] = reference.merge_and_unload()
+
+    lost = []
+    for name, layer in quantized_layers(variants["into_nf4_requantized"]).items():
+        if name in deltas:
+            exact = dequant_before[name] + deltas[name]
+            lost.append({"module": name, "lost_frac": float((dequantized_weight(layer) - exact).norm() / deltas[name].norm())})
+    result = {"probe_tokens": int(input_ids.numel()), "variants": {}, "requantization_loss": lost}
+    reference_log_probs = torch.log_softmax(reference_logits, dim=-1)
+    for label, model in variants.items():
+        with torch.no_grad():
+            logits = model.eval()(input_ids=input_ids).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1).mean()
+        result["variants"][label] = {"max_abs_logit_diff": float((logits - reference_logits).abs().max()), "mean_kl_from_trained": float(kl)}
+    if lost:
+        result["requantization_loss_mean"] = sum(row["lost_frac"] for row in lost) / len(lost)
+    return result

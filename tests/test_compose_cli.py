@@ -1,0 +1,104 @@
+"""The compose / restore / plr commands end to end on the tiny Llama, and the fleet `compose:` schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from compositor.config import ComposeConfig
+from conftest import addition_rows, write_jsonl
+from launch.cli import app
+from test_compose import make_adapter, one_thread  # noqa: F401  (autouse: one torch thread)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return [
+        make_adapter(tiny_model_dir, root / "a", seed=1, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        make_adapter(tiny_model_dir, root / "b", seed=2, r=4, lora_alpha=4, target_modules=["v_proj", "o_proj"]),
+    ]
+
+
+@pytest.fixture
+def tasks_file(tmp_path):
+    data = write_jsonl(tmp_path / "add.jsonl", addition_rows(12, seed=5))
+    path = tmp_path / "tasks.yaml"
+    path.write_text(yaml.safe_dump({"tasks": [
+        {"name": "add", "path": str(data), "metric": "exact_match", "n": 4, "template": "none", "max_new_tokens": 3},
+        {"name": "add_loss", "path": str(data), "metric": "loss", "n": 4, "template": "none"},
+    ]}))
+    return path
+
+
+def test_compose_command_writes_adapter_and_record(two_adapters, tmp_path):
+    out = tmp_path / "mix"
+    result = runner.invoke(app, ["compose", "--adapters", f"{two_adapters[0]},{two_adapters[1]}", "--weights", "0.5,0.25", "--method", "ties", "--density", "0.5"])
+    assert result.exit_code == 2 and "--out" in result.output  # --out is required
+    result = runner.invoke(app, ["compose", "--adapters", str(two_adapters[0]), "--adapters", str(two_adapters[1]),
+                                 "--weights", "0.5,0.25", "--method", "ties", "--density", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "compose.json").read_text())
+    assert record["method"] == "ties" and record["weights"] == [0.5, 0.25] and record["density"] == 0.5
+    assert 0 < record["retained_energy"] <= 1
+    bad = runner.invoke(app, ["compose", "--adapters", f"{two_adapters[0]},{two_adapters[1]}", "--weights", "1", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "1 weights for 2 adapters" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_compose_learned_from_a_tasks_file(two_adapters, tasks_file, tmp_path):
+    out = tmp_path / "learned"
+    result = runner.invoke(app, ["compose", "--adapters", f"{two_adapters[0]},{two_adapters[1]}", "--method", "learned",
+                                 "--tasks", str(tasks_file), "--examples", "8", "--steps", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "compose.json").read_text())
+    assert record["method"] == "learned" and record["learned"]["steps"] == 5
+    assert record["weights"] == record["learned"]["weights"] and record["weights"] != [0.5, 0.5]
+    missing = runner.invoke(app, ["compose", "--adapters", str(two_adapters[0]), "--method", "learned", "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "--tasks" in missing.output
+
+
+def test_restore_and_plr_commands(two_adapters, tasks_file, tmp_path):
+    result = runner.invoke(app, ["restore", str(two_adapters[0]), "--base-precision", "16", "--merge", "--out", str(tmp_path / "m16")])
+    assert result.exit_code == 0, result.output
+    assert "into_dequant_nf4" in result.output and (tmp_path / "m16" / "config.json").is_file()
+    bad = runner.invoke(app, ["restore", str(two_adapters[0]), "--base-precision", "2", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not one of 16, 8, 4" in bad.output
+    result = runner.invoke(app, ["plr", str(two_adapters[0]), "--tasks", str(tasks_file), "--out", str(tmp_path / "plr")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "plr" / "plr.json").read_text())
+    assert list(report["columns"]) == ["4-bit", "8-bit", "16-bit"]
+    losses = [report["columns"][c]["adapter"]["eval/add_loss/loss"] for c in report["columns"]]
+    assert all(loss > 0 for loss in losses) and len(set(losses)) == 3  # three different bases
+    assert len(report["quantization_error"]) == 14
+    assert report["quantization_error_summary"]["rel_err_8bit_mean"] < report["quantization_error_summary"]["rel_err_4bit_mean"]
+
+
+def test_compose_section_schema():
+    config = ComposeConfig.model_validate({"name": "mix", "adapters": ["gsm8k", "ag_news"], "method": "ties", "weights": [1, 0.5]})
+    assert config.density == 0.5 and config.learn is None
+    with pytest.raises(ValidationError, match="2 weights for 3 adapters"):
+        ComposeConfig.model_validate({"name": "mix", "adapters": ["a", "b", "c"], "weights": [1, 2]})
+    with pytest.raises(ValidationError, match="needs a `learn` section"):
+        ComposeConfig.model_validate({"name": "mix", "adapters": ["a"], "method": "learned"})
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        ComposeConfig.model_validate({"name": "mix", "adapters": ["a"], "densty": 0.3})
+
+
+def test_compose_section_problems_are_found_before_jobs_run(two_adapters, tmp_path):
+    from compositor.config import compose_problems
+
+    good = ComposeConfig(name="mix", adapters=["job-a", str(two_adapters[1])])
+    assert compose_problems([good], ["job-a", "job-b"]) == []
+    typo = ComposeConfig(name="mix", adapters=["job-c"])
+    learned = ComposeConfig(name="fit", adapters=["job-a"], method="learned", learn={"tasks": tmp_path / "none.yaml"})
+    problems = compose_problems([good, typo, learned, good], ["job-a", "job-b"])
+    assert any("'job-c' is neither a job of this fleet (job-a, job-b)" in p for p in problems)
+    assert any("learn.tasks" in p and "does not exist" in p for p in problems)
+    assert any("'mix' is used twice" in p for p in problems)
