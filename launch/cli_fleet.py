@@ -68,6 +68,13 @@ def run(
     out.print(f"fleet.json: {Path(fleet.output_dir) / 'fleet.json'}")
     if record.count("failed"):
         raise typer.Exit(EXIT_JOB_FAILED)
+    if fleet.compose:
+        # After every job has finished: the compositions read the jobs' final adapters.
+        from compositor.pipeline import run_fleet_compositions
+
+        records = run_fleet_compositions(fleet.compose, fleet.output_dir, {job.name: Path(job.output_dir) / "adapter" for job in fleet.jobs})
+        for name in records:
+            out.print(f"composed {name}: {Path(fleet.output_dir) / 'compose' / name}")
 
 
 def status(run_dir: Path = typer.Argument(..., help="A fleet's output_dir (holds fleet.json).")) -> None:

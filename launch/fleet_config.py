@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.capacity import NodeCapacity, unsatisfiable
 from cluster.config import ResourcesConfig
+from compositor.config import ComposeConfig, compose_problems
 from launch.config import (
     ConfigError,
     JobConfig,
@@ -42,6 +43,9 @@ class FleetFile(BaseModel):
     )
     jobs: list[dict[str, Any]] = Field(min_length=1, description="The jobs, queued in this order; each needs a unique `name`.")
     output_dir: Path = Field(description="Run directory: one sub-directory per job (named after it), plus fleet.json and tb/fleet/.")
+    compose: list[ComposeConfig] = Field(
+        default_factory=list, description="Adapter compositions run after the jobs finish; each writes <output_dir>/compose/<name>."
+    )
 
 
 class FleetConfig(BaseModel):
@@ -52,6 +56,7 @@ class FleetConfig(BaseModel):
     jobs: list[JobConfig] = Field(min_length=1, description="Fully merged job configs, in queue order.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="The fleet-wide default resources (used to count slots).")
     output_dir: Path = Field(description="Run directory holding the job directories, fleet.json and tb/fleet/.")
+    compose: list[ComposeConfig] = Field(default_factory=list, description="Compositions of the jobs' adapters, run after the jobs finish.")
 
 
 def load_fleet_config(
@@ -124,9 +129,11 @@ def load_fleet_config(
     if nodes is not None:
         for line in _capacity_lines(sized, nodes, source, node, raw):
             problems.add(None, line)
+    for line in compose_problems(envelope.compose, [str(job.get("name")) for job in envelope.jobs]):
+        problems.add(None, f"{_where(source, node, ('compose',))}: {line}")
     if problems:
         raise ConfigError(f"invalid fleet file ({_count(len(problems))}):\n  " + "\n  ".join(problems.lines()))
-    return FleetConfig(name=envelope.name, jobs=jobs, resources=envelope.resources, output_dir=envelope.output_dir)
+    return FleetConfig(name=envelope.name, jobs=jobs, resources=envelope.resources, output_dir=envelope.output_dir, compose=envelope.compose)
 
 
 class _Problems:

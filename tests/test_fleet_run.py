@@ -34,7 +34,7 @@ def local_ray():
     ray.shutdown()
 
 
-def write_fleet(tmp_path: Path, model_dir: Path, data: dict[str, Path], jobs: list[dict], **defaults) -> Path:
+def write_fleet(tmp_path: Path, model_dir: Path, data: dict[str, Path], jobs: list[dict], compose: list[dict] | None = None, **defaults) -> Path:
     base = {
         "model": str(model_dir),
         "quant": {"bits": 4, "type": "nf4", "double_quant": True},
@@ -48,6 +48,8 @@ def write_fleet(tmp_path: Path, model_dir: Path, data: dict[str, Path], jobs: li
     for key, value in defaults.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) else value
     fleet = {"name": "test", "defaults": base, "resources": {"gpus_per_job": 1, "cpus_per_job": 1}, "jobs": jobs, "output_dir": str(tmp_path / "run")}
+    if compose is not None:
+        fleet["compose"] = compose
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(fleet, sort_keys=False))
     return path
@@ -77,9 +79,16 @@ def test_three_jobs_on_two_slots_queue_in_order_and_a_rerun_trains_nothing(local
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
-    path = write_fleet(tmp_path, tiny_model_dir, toy_data, [{"name": "a"}, {"name": "b", "lora": {"r": 4}}, {"name": "c"}])
+    compose = [{"name": "a_plus_c", "adapters": ["a", "c"], "method": "linear", "weights": [0.5, 0.5]}]
+    path = write_fleet(tmp_path, tiny_model_dir, toy_data, [{"name": "a"}, {"name": "b", "lora": {"r": 4}}, {"name": "c"}], compose=compose)
     output = run_cli("run", str(path))
     assert "fleet summary" in output and "makespan" in output and "aggregate tokens/s" in output
+
+    # The fleet's compose: section ran after the jobs, on their final adapters.
+    composed = tmp_path / "run" / "compose" / "a_plus_c"
+    record_of_composition = json.loads((composed / "compose.json").read_text())
+    assert record_of_composition["method"] == "linear" and record_of_composition["weights"] == [0.5, 0.5]
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), composed).peft_config["default"].r == 16  # ranks 8 + 8
 
     run_dir = tmp_path / "run"
     record = read_fleet_record(run_dir)
