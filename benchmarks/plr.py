@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +33,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from _common import describe, machine_description, write_atomic  # noqa: E402
 from compositor.restore import load_base, merge_comparison, probe_ids, quantization_error_table, summarize_errors  # noqa: E402
 from launch.config import JobConfig  # noqa: E402
 from trainer import run_job  # noqa: E402
@@ -48,16 +46,8 @@ SPLIT = [0.7, 0.0, 0.3]
 T0_TASKS = {"ag_news": ("ag_news", "classify_with_choices"), "amazon": ("amazon_polarity", "Is_this_review")}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(temp, path)
-
-
 def machine() -> str:
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other agents), torch {torch.__version__}, {platform.platform()}"
+    return describe(machine_description()) + " (cores shared with other processes)"
 
 
 def t0_file(work: Path, name: str) -> Path:
