@@ -170,7 +170,7 @@ def run_job(config: JobConfig, report: Callable[[dict], None] | None = None) -> 
         # Normalise by the labelled tokens of the whole step on every worker. DeepSpeed averages
         # gradients over workers, so each worker divides by the global count / world size.
         labelled = world.sum(sum(float((b["labels"][:, 1:] != -100).sum()) for b in micro_batches))
-        token_count = labelled / world.size
+        token_count = max(labelled, 1.0) / world.size  # a step of prompt-only rows has a zero loss, not 0/0
         loss_sum = task_sum = kl_sum = 0.0
         l2 = 0.0
         for batch in micro_batches:
