@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from plr import DATA, common_args, eval_tasks, machine, t0_file, train, train_source, write_atomic, write_tasks  # noqa: E402
+from plr import DATA, common_args, eval_tasks, machine, t0_file, train, train_source, training_line, write_atomic, write_tasks  # noqa: E402
 
 from compositor.config import ComposeConfig  # noqa: E402
 from compositor.pipeline import run_compose  # noqa: E402
@@ -69,7 +69,7 @@ def markdown(summary: dict) -> str:
             fit = record["learned"]
             detail += f", fit loss {fit['initial_loss']:.3f} -> {fit['final_loss']:.3f} in {fit['fit_s']:.0f} s"
         lines.append(f"- {name}: {detail}")
-    lines += ["", "Training: " + ", ".join(f"{n} loss {j['train_loss']:.3f} in {j['wall_time_s']:.0f} s" for n, j in summary["jobs"].items()), ""]
+    lines += ["", training_line(summary["jobs"]), ""]
     return "\n".join(lines) + "\n"
 
 

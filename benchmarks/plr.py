@@ -116,6 +116,10 @@ def train(name: str, sources: list[dict], bits: int, work: Path, args) -> dict:
     return {"adapter": str(result.adapter_dir), "train_loss": result.train_loss, "wall_time_s": result.wall_time_s, "tokens": result.tokens, "bits": bits}
 
 
+def training_line(jobs: dict[str, dict]) -> str:
+    return "Training: " + ", ".join(f"{name} loss {job['train_loss']:.3f} in {job['wall_time_s']:.0f} s" for name, job in jobs.items())
+
+
 def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per adapter (the budget).")
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -157,7 +161,8 @@ def markdown(summary: dict) -> str:
         f"NF4 {q['rel_err_4bit_mean']:.4f} / {q['rel_err_4bit_max']:.4f}; int8 {q['rel_err_8bit_mean']:.4f} / {q['rel_err_8bit_max']:.4f}. "
         "Per-layer values are in plr.json.",
         "",
-        "Merging the GSM8K QLoRA adapter, distance from the model it was trained as (adapter on NF4, unmerged), on a 2-sentence probe:",
+        (f"Merging the {summary['merge_comparison_task']} QLoRA adapter, distance from the model it was trained as (adapter on NF4, unmerged), "
+         "on a 2-sentence probe:"),
         "",
         "| merge | max abs logit diff | mean KL |",
         "|---|---:|---:|",
@@ -166,7 +171,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {label} | {row['max_abs_logit_diff']:.4g} | {row['mean_kl_from_trained']:.3g} |")
     if "requantization_loss_mean" in summary["merge_comparison"]:
         lines.append(f"\nRe-quantizing after the merge loses {summary['merge_comparison']['requantization_loss_mean']:.1%} of ‖ΔW‖ per layer on average.")
-    lines += ["", "Training: " + ", ".join(f"{n} loss {j['train_loss']:.3f} in {j['wall_time_s']:.0f} s" for n, j in summary["jobs"].items()), ""]
+    lines += ["", training_line(summary["jobs"]), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -219,13 +224,15 @@ def main() -> None:
     error_rows = quantization_error_table(full, {4: q4, 8: q8})
     comparison = merge_comparison(Path(jobs[f"{args.tasks[0]}-4bit"]["adapter"]), probe_ids(tokenizer))
     columns = COLUMNS + (["8-bit LoRA"] if args.with_8bit else [])
+    evaluated = [f"T0 {task} held-out split n={args.n_eval} (label accuracy and NLL)" for task in args.tasks if task != "gsm8k"]
+    if "gsm8k" in args.tasks:
+        evaluated.insert(0, f"GSM8K test n={args.gsm8k_n} ({args.gsm8k_tokens} new tokens) for accuracy and n={args.n_eval} for NLL")
     summary = {
         "command": "python benchmarks/plr.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "setup": (
             f"{args.model}, LoRA r16 alpha32 attn, {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens (packed), lr {args.lr} cosine, "
-            f"seed 0, fp32 compute; eval: GSM8K test n={args.gsm8k_n} ({args.gsm8k_tokens} new tokens) for accuracy and n={args.n_eval} for NLL; "
-            f"T0 held-out split n={args.n_eval}; drift probe {args.probe_n} user_oriented_instructions (32 new tokens)"
+            f"seed 0, fp32 compute; eval: {'; '.join(evaluated)}; drift probe {args.probe_n} user_oriented_instructions (32 new tokens)"
         ),
         "columns": columns,
         "table": table,
@@ -234,6 +241,7 @@ def main() -> None:
         "quantized_layers": len(error_rows),
         "quantization_error_summary": summarize_errors(error_rows),
         "quantization_error": error_rows,
+        "merge_comparison_task": args.tasks[0],
         "merge_comparison": comparison,
         "timings_s": {"train": round(train_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
     }

@@ -7,12 +7,45 @@ import json
 import re
 from pathlib import Path
 
+import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 errors = Console(stderr=True)
+NUMBER = re.compile(r"-\d|-\.\d")
+
+
+def join_option_values(args: list[str], list_options: tuple[str, ...]) -> list[str]:
+    """`--adapters A B C` as `--adapters A,B,C`: the values after a list option, up to the next option,
+    joined with commas (a negative number is a value, not an option)."""
+    joined: list[str] = []
+    tokens = iter(args)
+    pending: list[str] | None = None
+    for token in tokens:
+        if pending is not None and (not token.startswith("-") or NUMBER.match(token)):
+            pending.append(token)
+            continue
+        if pending:
+            joined.append(",".join(pending))
+        pending = [] if token in list_options else None
+        joined.append(token)
+        if token == "--":  # everything after it is positional
+            joined.extend(tokens)
+            break
+    if pending:
+        joined.append(",".join(pending))
+    return joined
+
+
+class ListOptionsCommand(TyperCommand):
+    """A command whose --adapters and --weights take several values (`--weights 0.5 0.3 0.2`), as click
+    options take one each; the comma-joined and repeated forms work as well."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, join_option_values(args, ("--adapters", "--weights")))
 
 
 def fail(message: str) -> None:
@@ -50,11 +83,11 @@ def error_table(rows: list[dict], title: str) -> Table:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("compose")
+    @app.command("compose", cls=ListOptionsCommand)
     def compose_command(
-        adapters: list[str] = typer.Option(..., "--adapters", help="PEFT adapter directories: --adapters A,B,C or --adapters A --adapters B ..."),
+        adapters: list[str] = typer.Option(..., "--adapters", help="PEFT adapter directories: --adapters A B C (or A,B,C, or repeated)."),
         out: Path = typer.Option(..., "--out", help="Directory for the composed PEFT adapter and compose.json."),
-        weights: list[str] = typer.Option([], "--weights", help="One weight per adapter, in order: --weights 0.5,0.3,0.2 or repeated. Default: 1/n for linear and svd, 1 otherwise."),
+        weights: list[str] = typer.Option([], "--weights", help="One weight per adapter, in order: --weights 0.5 0.3 0.2 (or 0.5,0.3,0.2). Default: 1/n for linear and svd, 1 otherwise."),
         method: str = typer.Option("linear", "--method", help="linear | task_arithmetic | svd | ties | dare_linear | dare_ties | magnitude | learned"),
         lam: float = typer.Option(1.0, "--lambda", help="Overall strength λ for task_arithmetic, ties, dare_* and magnitude."),
         density: float = typer.Option(0.5, "--density", help="Share of entries kept by ties, dare_* and magnitude."),
@@ -72,12 +105,11 @@ def register(app: typer.Typer) -> None:
         from compositor.config import ComposeConfig
         from compositor.pipeline import run_compose
 
-        # Typer options take one value each; a comma-separated list stands in for "--adapters A B C".
         adapter_list = [item for value in adapters for item in value.split(",") if item]
         try:
             weight_list = [float(item) for value in weights for item in value.split(",") if item]
         except ValueError as err:
-            fail(f"--weights {weights}: {err}; give numbers, e.g. --weights 0.5,0.3,0.2")
+            fail(f"--weights {weights}: {err}; give numbers, e.g. --weights 0.5 0.3 0.2")
         try:
             learn = None
             if method == "learned":

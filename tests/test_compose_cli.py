@@ -41,15 +41,35 @@ def test_compose_command_writes_adapter_and_record(two_adapters, tmp_path):
     out = tmp_path / "mix"
     result = runner.invoke(app, ["compose", "--adapters", f"{two_adapters[0]},{two_adapters[1]}", "--weights", "0.5,0.25", "--method", "ties", "--density", "0.5"])
     assert result.exit_code == 2 and "--out" in result.output  # --out is required
-    result = runner.invoke(app, ["compose", "--adapters", str(two_adapters[0]), "--adapters", str(two_adapters[1]),
-                                 "--weights", "0.5,0.25", "--method", "ties", "--density", "0.5", "--out", str(out)])
+    # The form the docs show: several values after one option.
+    result = runner.invoke(app, ["compose", "--adapters", str(two_adapters[0]), str(two_adapters[1]),
+                                 "--weights", "0.5", "0.25", "--method", "ties", "--density", "0.5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "compose.json").read_text())
     assert record["method"] == "ties" and record["weights"] == [0.5, 0.25] and record["density"] == 0.5
+    assert [spec["path"] for spec in record["inputs"]] == [str(a) for a in two_adapters]
     assert 0 < record["retained_energy"] <= 1
+    # Repeated options give the same composition.
+    again = tmp_path / "again"
+    result = runner.invoke(app, ["compose", "--adapters", str(two_adapters[0]), "--adapters", str(two_adapters[1]),
+                                 "--weights", "0.5,0.25", "--method", "ties", "--density", "0.5", "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((again / "compose.json").read_text())["weights"] == [0.5, 0.25]
     bad = runner.invoke(app, ["compose", "--adapters", f"{two_adapters[0]},{two_adapters[1]}", "--weights", "1", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "1 weights for 2 adapters" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_list_options_take_several_values():
+    from launch.cli_compose import join_option_values
+
+    options = ("--adapters", "--weights")
+    assert join_option_values(["--adapters", "a", "b", "c", "--weights", "0.5", "-0.25", ".1", "--method", "ties"], options) == [
+        "--adapters", "a,b,c", "--weights", "0.5,-0.25,.1", "--method", "ties"]
+    assert join_option_values(["--adapters", "a,b", "--adapters", "c", "--out", "x"], options) == ["--adapters", "a,b", "--adapters", "c", "--out", "x"]
+    # An option without values stays so, for click to report; after "--" nothing is joined.
+    assert join_option_values(["--adapters", "--out", "x"], options) == ["--adapters", "--out", "x"]
+    assert join_option_values(["--weights", "1", "--", "--weights", "2", "3"], options) == ["--weights", "1", "--", "--weights", "2", "3"]
 
 
 def test_compose_learned_from_a_tasks_file(two_adapters, tasks_file, tmp_path):

