@@ -41,6 +41,7 @@ METHODS = {
     "linear": {"method": "linear"},
     "task_arithmetic": {"method": "task_arithmetic", "lam": 1.0},
     "ties": {"method": "ties", "density": 0.5},
+    "dare_linear": {"method": "dare_linear", "density": 0.5, "seed": 0},
     "dare_ties": {"method": "dare_ties", "density": 0.5, "seed": 0},
     "learned": {"method": "learned"},
 }
