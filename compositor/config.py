@@ -17,6 +17,9 @@ class LearnConfig(BaseModel):
     examples: int = Field(16, ge=1, description="Validation examples used for the fit, taken across the tasks in turn.")
     steps: int = Field(60, ge=1, description="Adam steps on the mixing weights.")
     lr: float = Field(0.05, gt=0, description="Adam learning rate for the mixing weights.")
+    average: Literal["example", "token"] = Field(
+        "example", description="How the fit's NLL averages: each example's token mean, then over examples (tasks with long answers do not outweigh label tasks), or over all tokens."
+    )
     l1: float = Field(0.01, ge=0, description="L1 penalty on the weights (per layer group: mean over groups of Σᵢ|wᵢ|).")
     per_layer: bool = Field(False, description="Fit one weight per adapter and decoder layer instead of one per adapter.")
     base_precision: Literal[4, 8, 16] = Field(16, description="Precision of the base model during the fit (16 is fastest on CPU).")

@@ -135,9 +135,11 @@ def learn_weights(
     steps: int = 60,
     lr: float = 0.05,
     l1: float = 0.01,
+    average: str = "example",
     init: Sequence[float] | None = None,
 ) -> LearnedWeights:
-    """Fit the mixing weights: minimise mean token NLL on `batches` + l1·mean_groups(Σᵢ|wᵢ|) with Adam.
+    """Fit the mixing weights: minimise the NLL on `batches` (`average`: the mean over examples of each
+    example's token mean, or the mean over all tokens) + l1·mean_groups(Σᵢ|wᵢ|) with Adam.
     The model's own parameters are frozen for the fit and restored to their previous requires_grad."""
     if not batches:
         raise AdapterError("learned weights need at least one validation example")
@@ -152,13 +154,13 @@ def learn_weights(
             optimizer = torch.optim.Adam([hooks.weights], lr=lr)
             for _ in range(steps):
                 optimizer.zero_grad()
-                nll = _mean_nll(model, batches, device)
+                nll = _mean_nll(model, batches, device, average)
                 penalty = l1 * hooks.weights.abs().sum(dim=1).mean()
                 (nll + penalty).backward()
                 optimizer.step()
                 history.append(nll.item())
             with torch.no_grad():
-                final = float(_mean_nll(model, batches, device))
+                final = float(_mean_nll(model, batches, device, average))
             table = hooks.weights.detach().cpu()
             groups = hooks.groups
     finally:
@@ -174,16 +176,25 @@ def learn_weights(
     )
 
 
-def _mean_nll(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """Token-mean NLL over all batches (each token counts once, whatever its batch)."""
-    total = torch.zeros((), device=device)
-    tokens = 0
+def _mean_nll(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device, average: str) -> torch.Tensor:
+    """NLL of the labelled tokens over all batches. `example`: each example's token mean, averaged, so a
+    one-word label counts as much as a 150-token GSM8K solution (a token mean lets the longest task
+    decide the weights). `token`: every token counts once, whatever its example."""
+    if average not in ("example", "token"):
+        raise ValueError(f"average = {average!r}; use 'example' or 'token'")
+    sums, counts = [], []
     for batch in batches:
         labels = batch["labels"].to(device)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch.get("attention_mask", torch.ones_like(labels)).to(device)).logits
         shifted = labels[:, 1:]
-        total = total + torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        tokens += int((shifted != -100).sum())
-    return total / max(tokens, 1)
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(shifted.shape)
+        labelled = shifted != -100
+        sums.append((token_nll * labelled).sum(dim=1))
+        counts.append(labelled.sum(dim=1))
+    per_example_sum, per_example_count = torch.cat(sums), torch.cat(counts)
+    if average == "token":
+        return per_example_sum.sum() / per_example_count.sum().clamp(min=1)
+    scored = per_example_count > 0
+    return (per_example_sum[scored] / per_example_count[scored]).mean()

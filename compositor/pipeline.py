@@ -53,7 +53,7 @@ def fit_weights(adapter_dirs: list[Path], learn: LearnConfig, base: str | None =
     tokenizer = load_tokenizer(spec)
     batches = validation_batches(tokenizer, learn)
     model = load_base(spec, learn.base_precision, resolve_dtype(spec, learn.base_precision, None))
-    return learn_weights(model, adapters, batches, per_layer=learn.per_layer, steps=learn.steps, lr=learn.lr, l1=learn.l1)
+    return learn_weights(model, adapters, batches, per_layer=learn.per_layer, steps=learn.steps, lr=learn.lr, l1=learn.l1, average=learn.average)
 
 
 def run_compose(config: ComposeConfig, out: Path, job_adapters: Mapping[str, Path] | None = None, base: str | None = None) -> dict:

@@ -98,6 +98,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(60, "--steps", help="learned: Adam steps."),
         l1: float = typer.Option(0.01, "--l1", help="learned: L1 penalty on the weights."),
         per_layer: bool = typer.Option(False, "--per-layer", help="learned: one weight per adapter and layer."),
+        average: str = typer.Option("example", "--average", help="learned: the fit's NLL is a mean over examples (example) or over tokens (token)."),
         base: str | None = typer.Option(None, "--base", help="Base model spec, when the adapters name none or disagree."),
     ) -> None:
         """Combine adapters into one PEFT adapter (exact linear sum, task arithmetic, TIES, DARE, magnitude, SVD, learned)."""
@@ -115,7 +116,7 @@ def register(app: typer.Typer) -> None:
             if method == "learned":
                 if tasks is None:
                     fail("--method learned needs --tasks TASKS.yaml (the validation examples to fit the weights on)")
-                learn = {"tasks": tasks, "examples": examples, "steps": steps, "l1": l1, "per_layer": per_layer}
+                learn = {"tasks": tasks, "examples": examples, "steps": steps, "l1": l1, "per_layer": per_layer, "average": average}
             config = ComposeConfig(
                 name=re.sub(r"[^A-Za-z0-9_.-]", "-", out.name).lstrip("-._") or "composed", adapters=adapter_list, method=method, weights=weight_list or None,
                 lam=lam, density=density, seed=seed, svd_rank=svd_rank, learn=learn,

@@ -78,8 +78,12 @@ def test_compose_learned_from_a_tasks_file(two_adapters, tasks_file, tmp_path):
                                  "--tasks", str(tasks_file), "--examples", "8", "--steps", "5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "compose.json").read_text())
-    assert record["method"] == "learned" and record["learned"]["steps"] == 5
+    assert record["method"] == "learned" and record["learned"]["steps"] == 5 and record["learned"]["average"] == "example"
     assert record["weights"] == record["learned"]["weights"] and record["weights"] != [0.5, 0.5]
+    bad_average = runner.invoke(app, ["compose", "--adapters", f"{two_adapters[0]},{two_adapters[1]}", "--method", "learned",
+                                      "--tasks", str(tasks_file), "--average", "batch", "--out", str(tmp_path / "y")])
+    assert bad_average.exit_code == 2 and "average" in bad_average.output and "'batch'" in bad_average.output
+    assert not (tmp_path / "y").exists()
     missing = runner.invoke(app, ["compose", "--adapters", str(two_adapters[0]), "--method", "learned", "--out", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "--tasks" in missing.output
 

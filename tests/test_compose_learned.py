@@ -62,6 +62,26 @@ def test_per_layer_weights_and_the_l1_penalty(mixture):
     assert sparse.final_loss > per_layer.final_loss
 
 
+def test_the_fit_loss_averages_over_examples_or_over_tokens(mixture):
+    from compositor.learned import _mean_nll
+
+    model, _, batches = mixture
+    ids = batches[0]["input_ids"][:2]
+    labels = ids.clone()
+    labels[0, :1] = -100  # a long answer: 32 labelled tokens
+    labels[1, :-2] = -100  # a one-word label: 2 labelled tokens
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1]
+        token_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(2, -1)
+        long_mean, short_mean = token_nll[0].mean(), token_nll[1, -2:].mean()
+        by_example = _mean_nll(model, [{"input_ids": ids, "labels": labels}], torch.device("cpu"), "example")
+        by_token = _mean_nll(model, [{"input_ids": ids, "labels": labels}], torch.device("cpu"), "token")
+    assert by_example.item() == pytest.approx(((long_mean + short_mean) / 2).item(), rel=1e-5)
+    assert by_token.item() == pytest.approx(((token_nll[0].sum() + token_nll[1, -2:].sum()) / 34).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="average"):
+        _mean_nll(model, batches, torch.device("cpu"), "batch")
+
+
 def test_encode_pairs_labels_only_the_responses(tiny_model_dir):
     from trainer.models import load_tokenizer
 
