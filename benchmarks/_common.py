@@ -1,11 +1,10 @@
-"""Helpers every benchmark needs: a description of the machine it ran on, and atomic result files."""
+"""What every benchmark report names: the machine it ran on. (Results are written with
+trainer.checkpoint.atomic_write_text.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,3 @@ def describe(machine: dict[str, Any]) -> str:
     """One line for a markdown report."""
     device = f"GPU {machine['gpu']}" if machine.get("gpu") else "CPU only, no GPU"
     return f"{machine['os']}, {machine['cpu_cores']} CPU cores ({machine['cpu']}), {device}, torch {machine['torch']}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; results are for everyone to read
-    os.replace(handle.name, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=1) + "\n")

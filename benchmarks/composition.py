@@ -28,11 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from plr import DATA, common_args, eval_tasks, machine, t0_file, train, train_source, training_line, write_atomic, write_tasks  # noqa: E402
+from plr import DATA, common_args, eval_tasks, machine, t0_file, train, train_source, training_line, write_tasks  # noqa: E402
 
 from compositor.config import ComposeConfig  # noqa: E402
 from compositor.pipeline import run_compose  # noqa: E402
 from compositor.restore import load_base  # noqa: E402
+from trainer.checkpoint import atomic_write_text  # noqa: E402
 from trainer.evaluation import evaluate_matrix, load_tasks_file  # noqa: E402
 from trainer.models import load_tokenizer  # noqa: E402
 
@@ -142,8 +143,8 @@ def main() -> None:
         "compositions": compositions,
         "timings_s": {"train": round(train_s, 1), "compose": round(compose_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
     }
-    write_atomic(args.out / "composition.json", json.dumps(summary, indent=2))
-    write_atomic(args.out / "composition.md", markdown(summary))
+    atomic_write_text(args.out / "composition.json", json.dumps(summary, indent=2))
+    atomic_write_text(args.out / "composition.md", markdown(summary))
     print(markdown(summary))
 
 

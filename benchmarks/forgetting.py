@@ -31,9 +31,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from _common import describe, machine_description, write_atomic  # noqa: E402
+from _common import describe, machine_description  # noqa: E402
 from launch.config import JobConfig  # noqa: E402
 from trainer import run_job  # noqa: E402
+from trainer.checkpoint import atomic_write_text  # noqa: E402
 from trainer.config import QuantConfig, RehearsalConfig  # noqa: E402
 from trainer.evaluation import evaluate_matrix, load_tasks_file  # noqa: E402
 from trainer.models import load_base_model, load_tokenizer  # noqa: E402
@@ -209,8 +210,8 @@ def main() -> None:
         "rows": rows,
         "timings_s": {"prior": round(prior_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
     }
-    write_atomic(args.out / "forgetting.json", json.dumps(summary, indent=2))
-    write_atomic(args.out / "forgetting.md", markdown(summary))
+    atomic_write_text(args.out / "forgetting.json", json.dumps(summary, indent=2))
+    atomic_write_text(args.out / "forgetting.md", markdown(summary))
     print(markdown(summary))
 
 

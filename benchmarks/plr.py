@@ -33,10 +33,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from _common import describe, machine_description, write_atomic  # noqa: E402
+from _common import describe, machine_description  # noqa: E402
 from compositor.restore import load_base, merge_comparison, probe_ids, quantization_error_table, summarize_errors  # noqa: E402
 from launch.config import JobConfig  # noqa: E402
 from trainer import run_job  # noqa: E402
+from trainer.checkpoint import atomic_write_text  # noqa: E402
 from trainer.evaluation import adapter_row_names, evaluate_matrix, load_tasks_file  # noqa: E402
 from trainer.models import load_tokenizer  # noqa: E402
 
@@ -55,7 +56,7 @@ def t0_file(work: Path, name: str) -> Path:
     rows = [json.loads(line) for line in (DATA / "t0" / f"{dataset}.jsonl").read_text().splitlines()]
     path = work / f"{name}.jsonl"
     if not path.is_file():
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["template"] == template))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["template"] == template))
     return path
 
 
@@ -87,7 +88,7 @@ def probe(args) -> dict:
 
 
 def write_tasks(path: Path, tasks: list[dict], args) -> Path:
-    write_atomic(path, yaml.safe_dump({"tasks": tasks, "forgetting": probe(args)}, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump({"tasks": tasks, "forgetting": probe(args)}, sort_keys=False))
     return path
 
 
@@ -245,8 +246,8 @@ def main() -> None:
         "merge_comparison": comparison,
         "timings_s": {"train": round(train_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
     }
-    write_atomic(args.out / "plr.json", json.dumps(summary, indent=2))
-    write_atomic(args.out / "plr.md", markdown(summary))
+    atomic_write_text(args.out / "plr.json", json.dumps(summary, indent=2))
+    atomic_write_text(args.out / "plr.md", markdown(summary))
     print(markdown(summary))
 
 

@@ -53,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import describe, machine_description, write_atomic, write_json_atomic  # noqa: E402
+from _common import describe, machine_description  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT / "examples" / "data" / "arithmetic" / "train.jsonl"
@@ -539,14 +539,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # Imported here, not at the top: it loads torch and peft, which the driver does not otherwise need.
+    from trainer.checkpoint import atomic_write_text
+
     if args.arm:
-        write_json_atomic(args.arm_result, run_arm(args.arm, Settings(**json.loads(args.arm_settings))))
+        atomic_write_text(args.arm_result, json.dumps(run_arm(args.arm, Settings(**json.loads(args.arm_settings))), indent=1) + "\n")
         return
     result = run_benchmark(args, argv)
     name = f"train_throughput_{result['machine']['device']}"
-    write_json_atomic(args.results_dir / f"{name}.json", result)
+    atomic_write_text(args.results_dir / f"{name}.json", json.dumps(result, indent=1) + "\n")
     report = markdown(result)
-    write_atomic(args.results_dir / f"{name}.md", report)
+    atomic_write_text(args.results_dir / f"{name}.md", report)
     print(report)
 
 

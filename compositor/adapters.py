@@ -11,12 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +19,8 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
+
+from trainer.checkpoint import atomic_directory
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -61,8 +58,6 @@ class Adapter:
     path: Path
     config: dict
     modules: dict[str, LowRank]
-    # The scaling of each module as peft applies it (α/r or α/√r), kept for the record.
-    scales: dict[str, float]
 
     @property
     def base_model(self) -> str | None:
@@ -136,7 +131,6 @@ def read_adapter(path: str | Path) -> Adapter:
         raise AdapterError(f"{weights_path}: holds no LoRA factors")
 
     modules: dict[str, LowRank] = {}
-    scales: dict[str, float] = {}
     for name, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"{weights_path}: module {name!r} has lora_{next(iter(pair))} but not its partner")
@@ -147,38 +141,7 @@ def read_adapter(path: str | Path) -> Adapter:
         # With fan_in_fan_out (Conv1D layers) peft transposes B·A only when adding it to the stored
         # weight; B·A itself has the same layout either way, so it composes the same.
         modules[name] = LowRank(A=lora_a, B=lora_b * scale)
-        scales[name] = scale
-    return Adapter(path=path, config=config, modules=modules, scales=scales)
-
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a staging directory beside `target`; on success it replaces `target` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.rename(target, retired / "old")
-            os.rename(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        json.dump(payload, out, indent=2, sort_keys=False)
-        out.write("\n")
-    os.replace(temp, path)
+    return Adapter(path=path, config=config, modules=modules)
 
 
 def peft_config_for(
@@ -227,9 +190,11 @@ def write_adapter(
             raise AdapterError(f"{out}: module {name!r} would have rank 0")
         tensors[f"base_model.model.{name}.lora_A.weight"] = update.A.to(dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = update.B.to(dtype).contiguous()
-    with atomic_directory(out) as staging:
+
+    def fill(staging: Path) -> None:
         peft_config_for(modules, base_model, task_type, fan_in_fan_out).save_pretrained(staging)
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         if record is not None:
-            write_json_atomic(staging / "compose.json", record)
-    return out
+            (staging / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    return atomic_directory(out, fill)

@@ -187,21 +187,18 @@ def compose_dirs(
     weights: list[float] | None = None,
     method: str = "linear",
     *,
-    lam: float = 1.0,
-    density: float = 0.5,
-    seed: int = 0,
-    rank: int | None = None,
     base_model: str | None = None,
     extra_record: dict | None = None,
-    layer_weights: dict[str, list[float]] | None = None,
+    **options,
 ) -> tuple[Composition, dict]:
-    """Read the adapter directories, compose them, write a PEFT directory + compose.json to `out`."""
+    """Read the adapter directories, compose them (`options`: compose()'s lam, density, seed, rank,
+    layer_weights), write a PEFT directory + compose.json to `out`."""
     adapters = [read_adapter(path) for path in adapter_dirs]
     fan_in_fan_out = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
     if len(fan_in_fan_out) > 1:
         raise AdapterError("the adapters disagree on fan_in_fan_out: they were trained on different layer types")
     base = common_base_model(adapters, base_model)
-    composition = compose(adapters, weights, method, lam=lam, density=density, seed=seed, rank=rank, layer_weights=layer_weights)
+    composition = compose(adapters, weights, method, **options)
     record = composition_record(adapters, composition, base, extra_record)
     task_type = next((a.task_type for a in adapters if a.task_type), "CAUSAL_LM")
     write_adapter(out, composition.modules, base, task_type, record=record, fan_in_fan_out=fan_in_fan_out.pop())

@@ -26,7 +26,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from compositor.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, atomic_directory, read_adapter, write_json_atomic
+from compositor.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_adapter
+from trainer.checkpoint import atomic_directory
 from trainer.config import QuantConfig
 from trainer.models import load_base_model, load_tokenizer, resolve_model_dir
 
@@ -176,7 +177,8 @@ def restore(
         "dtype": str(torch_dtype).removeprefix("torch."),
         "merged": merge,
     }
-    with atomic_directory(out) as staging:
+
+    def fill(staging: Path) -> None:
         if merge:
             restored = load_restored(adapter_dir, precision, dtype, base)
             merged = restored.merge_and_unload()
@@ -190,7 +192,9 @@ def restore(
         else:
             for name in (CONFIG_FILE, WEIGHTS_FILE):
                 shutil.copy2(adapter_dir / name, staging / name)
-        write_json_atomic(staging / "restore.json", record)
+        (staging / "restore.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    atomic_directory(out, fill)
     return RestoreResult(out=out, record=record)
 
 

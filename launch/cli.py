@@ -9,14 +9,10 @@ import typer
 from rich.console import Console
 
 from launch.config import ConfigError, load_job_config
+from launch.console import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train many QLoRA adapters in parallel, without forgetting.")
 console = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command()

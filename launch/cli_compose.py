@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-errors = Console(stderr=True)
+from launch.console import fail
+
 NUMBER = re.compile(r"-\d|-\.\d")
 
 
@@ -46,11 +47,6 @@ class ListOptionsCommand(TyperCommand):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, join_option_values(args, ("--adapters", "--weights")))
-
-
-def fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def options_error(err: ValidationError) -> str:
@@ -178,7 +174,7 @@ def register(app: typer.Typer) -> None:
         base: str | None = typer.Option(None, "--base", help="Base model spec; default: the adapter's base_model_name_or_path."),
     ) -> None:
         """Evaluate the adapter on its 4-bit, 8-bit and 16-bit bases side by side, with the quantization error per layer."""
-        from compositor.adapters import AdapterError, write_json_atomic
+        from compositor.adapters import AdapterError
         from compositor.pipeline import plr_report
         from trainer.evaluation import TasksFileError
         from trainer.models import ModelSpecError
@@ -199,5 +195,7 @@ def register(app: typer.Typer) -> None:
         console.print(error_table(report["quantization_error"], "per-layer quantization error"))
         console.print({k: round(v, 5) for k, v in report["quantization_error_summary"].items()})
         if out is not None:
-            write_json_atomic(out / "plr.json", report)
+            from trainer.checkpoint import atomic_write_text
+
+            atomic_write_text(out / "plr.json", json.dumps(report, indent=2) + "\n")
             console.print(f"wrote {out / 'plr.json'}")

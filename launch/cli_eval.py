@@ -15,14 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.config import ConfigError
-
-errors = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
+from launch.console import fail
 
 def base_model_of(adapter_dirs: list[Path]) -> tuple[str, dict]:
     """The model spec and quant section of the jobs that trained these adapters (from each job's

@@ -11,19 +11,15 @@ import typer
 from rich.console import Console
 
 from launch.config import ConfigError
+from launch.console import fail
 from launch.fleet_config import capacity_problems, load_fleet_config
 
 # Off a terminal rich assumes 80 columns and would truncate the job table in log files.
 out = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
-# Exit codes: 1 = some job failed after its retries, 2 = bad input, 130 = stopped by Ctrl-C/SIGTERM.
-EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+# Exit codes: 1 = some job failed after its retries, 2 = bad input (launch.console), 130 = stopped by Ctrl-C/SIGTERM.
+EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
 def run(

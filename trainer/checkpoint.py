@@ -24,24 +24,36 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file beside it and a rename: readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; configs and results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_directory(target: Path, fill) -> Path:
-    """Build a directory with `fill(tmp_dir)` and move it to `target` in one rename (replacing a stale one)."""
+    """Build a directory with `fill(tmp_dir)` and move it to `target` in one rename. A directory already
+    at `target` is moved aside first and deleted only once the new one is in place (rename cannot
+    replace a non-empty directory), so a crash never leaves neither."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         fill(staging)
+        retired = target.with_name(f"{staging.name}-old")
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(retired)
         staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from data_pipeline.config import DataConfig, SourceConfig
+from trainer.checkpoint import atomic_directory
 from trainer.config import QuantConfig, RehearsalConfig
 from trainer.evaluation import adapters_off, generate, read_prompts, render_prompt
 from trainer.models import cache_root, compute_dtype, load_base_model, load_tokenizer, resolve_model_dir
@@ -132,17 +131,13 @@ def write_prior_dataset(target: Path, rows: list[dict[str, str]], meta: dict) ->
     """Write rows and meta into a temp dir beside `target`, then rename it into place."""
     if not rows:
         raise ValueError(f"the base model gave no non-empty answer to any prompt of {meta['settings']['prompts']}; check the template")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         (staging / DATA_FILE).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-        old = target.with_name(f".{target.name}-old-{staging.name}")
-        if target.exists():  # an older dataset or an incomplete attempt: moved aside, deleted once replaced
-            target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    # An older dataset or an incomplete attempt at `target` is replaced only once this one is complete.
+    atomic_directory(target, fill)
 
 
 def with_prior_rehearsal(data: DataConfig, prior_path: Path, settings: RehearsalConfig) -> DataConfig:
