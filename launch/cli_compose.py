@@ -50,9 +50,11 @@ class ListOptionsCommand(TyperCommand):
 
 
 def options_error(err: ValidationError) -> str:
-    """A pydantic error on the options, phrased as the options the user typed."""
+    """A pydantic error on the options, phrased as the options the user typed. An error on the options
+    together (no field) is the message alone: the input would be every option at once."""
     return "; ".join(
-        f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'} = {e.get('input')!r}: {e['msg']}" for e in err.errors()
+        f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')} = {e.get('input')!r}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ")
+        for e in err.errors()
     )
 
 

@@ -57,6 +57,7 @@ def test_compose_command_writes_adapter_and_record(two_adapters, tmp_path):
     assert json.loads((again / "compose.json").read_text())["weights"] == [0.5, 0.25]
     bad = runner.invoke(app, ["compose", "--adapters", f"{two_adapters[0]},{two_adapters[1]}", "--weights", "1", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "1 weights for 2 adapters" in bad.output
+    assert "'adapters'" not in bad.output  # the message, not a dump of every option
     assert not (tmp_path / "bad").exists()
 
 

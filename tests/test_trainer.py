@@ -276,3 +276,25 @@ def test_job_evaluates_tasks_and_forgetting_and_rehearses_on_the_bases_own_answe
     # The prior source (the base's answers) makes up a quarter of every window of examples.
     ratios = [r["data/rehearsal_ratio"] for r in rows if "data/rehearsal_ratio" in r]
     assert ratios and all(abs(ratio - 0.25) <= 1 / 16 for ratio in ratios)
+
+
+def test_atomic_directory_replaces_only_when_complete_and_is_readable(tmp_path):
+    from trainer.checkpoint import atomic_directory, atomic_write_text
+
+    target = tmp_path / "adapter"
+    atomic_directory(target, lambda d: (d / "a.txt").write_text("old"))
+    assert (target / "a.txt").read_text() == "old"
+    assert target.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+    def crash(d):
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_directory(target, crash)
+    assert (target / "a.txt").read_text() == "old"
+    atomic_directory(target, lambda d: (d / "b.txt").write_text("new"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging or retired directory left
+    atomic_write_text(tmp_path / "r" / "x.json", "{}")
+    assert (tmp_path / "r" / "x.json").stat().st_mode & 0o777 == 0o644

@@ -48,6 +48,7 @@ def atomic_directory(target: Path, fill) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
+        os.chmod(staging, 0o755)  # mkdtemp creates 0700; adapters and checkpoints are for everyone to read
         fill(staging)
         retired = target.with_name(f"{staging.name}-old")
         if target.exists():
