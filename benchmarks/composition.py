@@ -34,13 +34,14 @@ from compositor.config import ComposeConfig  # noqa: E402
 from compositor.pipeline import run_compose  # noqa: E402
 from compositor.restore import load_base  # noqa: E402
 from trainer.checkpoint import atomic_write_text  # noqa: E402
-from trainer.evaluation import evaluate_matrix, load_tasks_file  # noqa: E402
+from trainer.evaluation.matrix import evaluate_matrix
+from trainer.evaluation import load_tasks_file  # noqa: E402
 from trainer.models import load_tokenizer  # noqa: E402
 
 TASKS = ["ag_news", "amazon", "gsm8k"]
 METHODS = {
     "linear": {"method": "linear"},
-    "task_arithmetic": {"method": "task_arithmetic", "lam": 1.0},
+    "task_arithmetic": {"method": "task_arithmetic", "lambda": 1.0},
     "ties": {"method": "ties", "density": 0.5},
     "dare_linear": {"method": "dare_linear", "density": 0.5, "seed": 0},
     "dare_ties": {"method": "dare_ties", "density": 0.5, "seed": 0},

@@ -85,7 +85,7 @@ def tokenizer():
 
 
 def ours_tokenize(source: dict, tok, template: str, seq_len: int, num_proc: int) -> dict:
-    from data_pipeline import DataConfig
+    from schema.data import DataConfig
     from data_pipeline.cache import open_token_cache
 
     data = DataConfig(train=source, template=template, num_proc=num_proc, max_bad_frac=1.0)
@@ -162,7 +162,8 @@ def tokenisation_benchmark(tok, seq_len: int, repeats: int) -> list[dict]:
 
 
 def streaming_benchmark(tok, seq_len: int, micro_batch: int, batches: int) -> dict:
-    from data_pipeline import DataConfig, build_train_stream
+    from data_pipeline import build_train_stream
+    from schema.data import DataConfig
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["LORAFLEET_CACHE"] = cache
@@ -209,7 +210,8 @@ def synthetic_rows(path: Path, rows: int) -> None:
 
 def memory_child(rows: int, seq_len: int, micro_batch: int) -> dict:
     """Runs in a fresh process: tokenise a synthetic source of `rows` rows, then stream one epoch."""
-    from data_pipeline import DataConfig, build_train_stream
+    from data_pipeline import build_train_stream
+    from schema.data import DataConfig
 
     tok = tokenizer()  # from the usual model cache (a fresh one would convert the GGUF model in this process)
     work = Path(tempfile.mkdtemp(prefix="data-memory-"))

@@ -35,8 +35,10 @@ from _common import describe, machine_description  # noqa: E402
 from launch.config import JobConfig  # noqa: E402
 from trainer import run_job  # noqa: E402
 from trainer.checkpoint import atomic_write_text  # noqa: E402
-from trainer.config import QuantConfig, RehearsalConfig  # noqa: E402
-from trainer.evaluation import evaluate_matrix, load_tasks_file  # noqa: E402
+from schema.job import QuantConfig
+from trainer.config import RehearsalConfig  # noqa: E402
+from trainer.evaluation.matrix import evaluate_matrix
+from trainer.evaluation import load_tasks_file  # noqa: E402
 from trainer.models import load_base_model, load_tokenizer  # noqa: E402
 from trainer.prior import ensure_prior_dataset, with_prior_rehearsal  # noqa: E402
 

@@ -38,7 +38,8 @@ from compositor.restore import load_base, merge_comparison, probe_ids, quantizat
 from launch.config import JobConfig  # noqa: E402
 from trainer import run_job  # noqa: E402
 from trainer.checkpoint import atomic_write_text  # noqa: E402
-from trainer.evaluation import adapter_row_names, evaluate_matrix, load_tasks_file  # noqa: E402
+from trainer.evaluation.matrix import adapter_row_names, evaluate_matrix
+from trainer.evaluation import load_tasks_file  # noqa: E402
 from trainer.models import load_tokenizer  # noqa: E402
 
 MODEL = "smollm2-135m"

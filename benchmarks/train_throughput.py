@@ -149,8 +149,8 @@ class TimedWindow:
 
 def run_lorafleet(settings: Settings, packing: str) -> dict[str, Any]:
     """`trainer.run_job` on the benchmark's job, with the given packing."""
-    from launch.config import JobConfig
-    from trainer import run_job
+    from schema.job import JobConfig
+    from trainer.loop import run_job
 
     config = JobConfig.model_validate(
         {
@@ -194,7 +194,7 @@ def tokenised_rows(settings: Settings, tokenizer) -> list[dict[str, list[int]]]:
     import numpy as np
 
     from data_pipeline.cache import open_token_cache
-    from data_pipeline.config import DataConfig
+    from schema.data import DataConfig
 
     data = DataConfig.model_validate({"train": {"path": settings.data, "format": "prompt_completion"}, "template": TEMPLATE})
     cache = open_token_cache(
@@ -446,7 +446,7 @@ def prepare(args: argparse.Namespace) -> str:
         write_demo_data(DEFAULT_DATA.parents[1])
 
     from data_pipeline.cache import open_token_cache
-    from data_pipeline.config import DataConfig
+    from schema.data import DataConfig
     from trainer.models import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
@@ -540,16 +540,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     # Imported here, not at the top: it loads torch and peft, which the driver does not otherwise need.
-    from trainer.checkpoint import atomic_write_text
+    from schema.atomic import write_text_atomic
 
     if args.arm:
-        atomic_write_text(args.arm_result, json.dumps(run_arm(args.arm, Settings(**json.loads(args.arm_settings))), indent=1) + "\n")
+        write_text_atomic(args.arm_result, json.dumps(run_arm(args.arm, Settings(**json.loads(args.arm_settings))), indent=1) + "\n")
         return
     result = run_benchmark(args, argv)
     name = f"train_throughput_{result['machine']['device']}"
-    atomic_write_text(args.results_dir / f"{name}.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(args.results_dir / f"{name}.json", json.dumps(result, indent=1) + "\n")
     report = markdown(result)
-    atomic_write_text(args.results_dir / f"{name}.md", report)
+    write_text_atomic(args.results_dir / f"{name}.md", report)
     print(report)
 
 

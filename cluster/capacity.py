@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from cluster.config import ResourcesConfig
+from schema.job import ResourcesConfig
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,10 @@ def cluster_has_gpus(nodes: list[NodeCapacity]) -> bool:
     return any(node.gpus > 0 for node in nodes)
 
 
-def unsatisfiable(resources: list[ResourcesConfig], nodes: list[NodeCapacity]) -> list[tuple[int, str, str]]:
-    """(job index, resources field, reason) for every job that no node could ever hold, however long it waits."""
+def unsatisfiable(resources: list[ResourcesConfig], nodes: list[NodeCapacity]) -> list[tuple[int, str, str, str]]:
+    """(job index, resources field, reason, fix) for every job that no node could ever hold, however long it waits."""
     if not nodes:
-        return [(index, "gpus_per_job", "the cluster has no nodes") for index in range(len(resources))]
+        return [(index, "gpus_per_job", "the cluster has no nodes", "start or join a cluster with nodes") for index in range(len(resources))]
     gpus = cluster_has_gpus(nodes)
     biggest_cpus = max(node.cpus for node in nodes)
     biggest_gpus = max(node.gpus for node in nodes)
@@ -64,17 +65,15 @@ def unsatisfiable(resources: list[ResourcesConfig], nodes: list[NodeCapacity]) -
         if any(shape.fits(node) for node in nodes):
             continue
         if shape.workers * shape.gpus_per_worker > biggest_gpus:
-            problems.append(
-                (index, "gpus_per_job", f"needs {shape.workers} GPUs on one node, but the largest node has {biggest_gpus:g} (fix: ask for at most {biggest_gpus:g})")
-            )
+            problems.append((index, "gpus_per_job", f"needs {shape.workers} GPUs on one node, but the largest node has {biggest_gpus:g}", f"ask for at most {biggest_gpus:g}"))
         else:
             where = "" if gpus else " (CPU-only cluster: each GPU asked for becomes a worker holding cpus_per_job CPUs)"
             problems.append(
                 (
                     index,
                     "cpus_per_job",
-                    f"needs {shape.workers} x {shape.cpus_per_worker} CPUs on one node, but the largest node has {biggest_cpus:g}{where} "
-                    f"(fix: lower cpus_per_job or gpus_per_job, or add a bigger node)",
+                    f"needs {shape.workers} x {shape.cpus_per_worker} CPUs on one node, but the largest node has {biggest_cpus:g}{where}",
+                    "lower cpus_per_job or gpus_per_job, or add a bigger node",
                 )
             )
     return problems
@@ -83,14 +82,20 @@ def unsatisfiable(resources: list[ResourcesConfig], nodes: list[NodeCapacity]) -
 def local_node(num_cpus: int | None = None, num_gpus: int | None = None) -> NodeCapacity:
     """The node an embedded local cluster would have: this machine's CPUs and CUDA devices unless given."""
     if num_gpus is None:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            num_gpus = len([d for d in visible.split(",") if d.strip()])
-        else:
-            import torch  # only asked when no count was given; the trainer imports torch anyway
-
-            num_gpus = torch.cuda.device_count()
+        num_gpus = visible_gpus()
     return NodeCapacity(node_id="local", cpus=float(num_cpus or os.cpu_count() or 1), gpus=float(num_gpus))
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process would see, found without importing torch (the NVIDIA driver lists them).
+    Ray counts them again when the cluster starts, and the fleet is checked against that count too."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    listed = Path("/proc/driver/nvidia/gpus")
+    if listed.is_dir():
+        return len(list(listed.iterdir()))
+    return len([d for d in Path("/dev").glob("nvidia[0-9]*")])
 
 
 def slot_count(nodes: list[NodeCapacity], default: ResourcesConfig) -> int:

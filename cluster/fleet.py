@@ -200,7 +200,7 @@ class FleetRunner:
             try:
                 value = ray.get(ref)
             except RayError as err:
-                self._attempt_failed(name, _describe(err, self.live[name].infos.get(rank)))
+                self._attempt_failed(name, _describe(err, self.live[name].infos.get(rank)), retry=not _bad_input(err))
                 continue
             if kind == "placed":
                 self._start(name)
@@ -249,13 +249,14 @@ class FleetRunner:
         entry.step, entry.loss, entry.eta_s = live.result["steps"], live.result["train_loss"], 0.0
         self._write_record(force=True)
 
-    def _attempt_failed(self, name: str, error: str) -> None:
+    def _attempt_failed(self, name: str, error: str, retry: bool = True) -> None:
+        """A crash is retried while the job has retries left; bad input (JobError) would fail the same way again."""
         entry, job = self.record.jobs[name], self.jobs[name]
         entry.attempts[-1].error = error
         self._end_attempt(name)
         self.failures[name] += 1
         entry.error = error
-        if self.failures[name] <= job.max_failures:
+        if retry and self.failures[name] <= job.max_failures:
             entry.state = QUEUED
             entry.ended_at = None
             self.queue.appendleft(name)  # a retry keeps its place at the front of the queue
@@ -301,6 +302,13 @@ class FleetRunner:
 def _finite(value: Any) -> float | None:
     """JSON has no NaN: a metric that is not a finite number is shown as unknown."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _bad_input(err: RayError) -> bool:
+    """The trainer refused the job (JobError: its data, config or state cannot work), as opposed to a crash."""
+    from trainer.errors import JobError
+
+    return isinstance(err, RayTaskError) and isinstance(err.cause, JobError)
 
 
 def _describe(err: RayError, worker: dict[str, Any] | None) -> str:

@@ -1,18 +1,18 @@
 """RUN_DIR/fleet.json: each job's state, attempts, errors, times, adapter path and final metrics.
 
-The file is rewritten atomically (temp file, then rename), so `lorafleet status` and anything else
-reading it never sees half a record. Times are Unix seconds.
+The file is rewritten atomically (schema.atomic), so `lorafleet status` and anything else reading it
+never sees half a record. Times are Unix seconds.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from schema.atomic import write_json_atomic
 
 FLEET_JSON = "fleet.json"
 
@@ -105,30 +105,31 @@ class FleetRecord:
 
     def write(self) -> Path:
         path = Path(self.run_dir) / FLEET_JSON
-        write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, self.to_dict())  # strict JSON: an unknown loss is null, not NaN
         return path
 
     def count(self, *states: str) -> int:
         return sum(job.state in states for job in self.jobs.values())
 
 
+class FleetRecordError(ValueError):
+    """A fleet.json that cannot be read: the message names the file, what is wrong and the way out."""
+
+
 def read_fleet_record(run_dir: str | Path) -> FleetRecord:
     path = Path(run_dir) / FLEET_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no fleet.json; is {run_dir} the output_dir of a fleet that has started?")
-    return FleetRecord.from_dict(json.loads(path.read_text()))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=1, default=str)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise FleetRecordError(f"{path}: not valid JSON ({err}); it was not written by lorafleet, or was damaged (fix: run the fleet again to rewrite it)") from None
+    try:
+        return FleetRecord.from_dict(data)
+    except (TypeError, KeyError, AttributeError) as err:
+        raise FleetRecordError(
+            f"{path}: not a lorafleet fleet record ({type(err).__name__}: {err}) (fix: point at a fleet's output_dir, or run the fleet again to rewrite it)"
+        ) from None
 
 
 def summarize(record: FleetRecord) -> dict[str, Any]:

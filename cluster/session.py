@@ -7,8 +7,6 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import ray
-
 from cluster.capacity import NodeCapacity
 
 
@@ -29,6 +27,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     Worker output stays in Ray's log files (`/tmp/ray/session_latest/logs`) so it does not tear the live view;
     a worker's error reaches fleet.json and the summary.
     """
+    import ray
+
     started = False
     if not ray.is_initialized():
         address = cluster_address(address)
@@ -65,6 +65,8 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def ray_nodes() -> list[NodeCapacity]:
     """Every live node's total CPUs and GPUs."""
+    import ray
+
     return [
         NodeCapacity(node_id=node["NodeID"], cpus=node["Resources"].get("CPU", 0.0), gpus=node["Resources"].get("GPU", 0.0))
         for node in ray.nodes()

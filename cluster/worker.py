@@ -87,7 +87,7 @@ class JobWorker:
         os.environ.update(env)
         if os.path.isdir(workdir):
             os.chdir(workdir)
-        from trainer import run_job
+        from trainer.loop import run_job
 
         def report(metrics: dict[str, Any]) -> None:
             sink.report.remote(config.name, attempt, metrics)  # fire and forget: a step never waits on the driver

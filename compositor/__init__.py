@@ -3,3 +3,5 @@ pruning, SVD re-compression, learned weights) and restore adapters onto a higher
 
 Reads and writes plain PEFT adapter directories only; loads models and evaluates through `trainer`.
 """
+
+import trainer  # noqa: E402,F401  (light; filters bitsandbytes' import-time notice before compositor modules import it)

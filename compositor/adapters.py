@@ -20,7 +20,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
-from trainer.checkpoint import atomic_directory
+from schema.atomic import atomic_directory
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -18,8 +18,10 @@ import torch
 from compositor import merging
 from compositor.adapters import Adapter, AdapterError, LowRank, read_adapter, write_adapter
 from compositor.learned import layer_group
+from schema.compose import COMPOSE_METHODS
 
-METHODS: tuple[str, ...] = ("linear", "task_arithmetic", "svd", "ties", "dare_linear", "dare_ties", "magnitude")
+# Every method of schema.compose but `learned`, which fits weights and then composes with `linear`.
+METHODS: tuple[str, ...] = tuple(m for m in COMPOSE_METHODS if m != "learned")
 # Methods whose result is a sum of the inputs' low-rank terms, so exact at rank Σrᵢ.
 LOW_RANK_METHODS = ("linear", "task_arithmetic", "svd")
 # Methods that act entry by entry on the dense ΔW; their result is full-rank and is re-factored by SVD.
@@ -33,10 +35,10 @@ class Composition:
     modules: dict[str, LowRank]
     method: str
     weights: list[float]
-    lam: float
+    lambda_: float
     density: float | None
     seed: int | None
-    rank: int | None
+    svd_rank: int | None
     # Retained energy of the SVD step per module, and over all modules (None when no SVD was needed).
     module_energy: dict[str, float] = field(default_factory=dict)
     retained_energy: float | None = None
@@ -56,15 +58,15 @@ def compose(
     weights: list[float] | None = None,
     method: str = "linear",
     *,
-    lam: float = 1.0,
+    lambda_: float = 1.0,
     density: float = 0.5,
     seed: int = 0,
-    rank: int | None = None,
+    svd_rank: int | None = None,
     layer_weights: dict[str, list[float]] | None = None,
 ) -> Composition:
-    """Combine `adapters` by `method`; `rank` re-compresses the result by truncated SVD.
+    """Combine `adapters` by `method`; `svd_rank` re-compresses the result by truncated SVD.
 
-    Dense methods (ties, dare_*, magnitude) always end in an SVD; without `rank` they keep, per
+    Dense methods (ties, dare_*, magnitude) always end in an SVD; without `svd_rank` they keep, per
     module, Σrᵢ of the inputs (the rank an exact linear sum would have), and report retained energy.
     `layer_weights` (linear only) gives each layer group (learned.layer_group) its own weights.
     """
@@ -75,11 +77,11 @@ def compose(
     weights = list(weights) if weights is not None else default_weights(method, len(adapters))
     if len(weights) != len(adapters):
         raise AdapterError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
-    if method == "linear" and lam != 1.0:
+    if method == "linear" and lambda_ != 1.0:
         raise AdapterError("linear is Σ wᵢ·ΔWᵢ exactly; put the strength into the weights, or use task_arithmetic for λ·Σ wᵢ·ΔWᵢ")
     if layer_weights is not None and method != "linear":
         raise AdapterError("per-layer weights apply to the linear method only")
-    if method == "svd" and rank is None:
+    if method == "svd" and svd_rank is None:
         rank = max(u.rank for a in adapters for u in a.modules.values())
     shapes = _module_shapes(adapters)
 
@@ -91,17 +93,17 @@ def compose(
             # A missing module is a zero update: it simply contributes no rank there.
             module_weights = layer_weights[layer_group(name)] if layer_weights is not None else weights
             A = torch.cat([u.A.double() for _, u in present])
-            B = torch.cat([u.B.double() * (lam * module_weights[i]) for i, u in present], dim=1)
-            if rank is None:
+            B = torch.cat([u.B.double() * (lambda_ * module_weights[i]) for i, u in present], dim=1)
+            if svd_rank is None:
                 modules[name] = LowRank(A=A.float(), B=B.float())
                 continue
-            factored = merging.factor_low_rank(B, A, rank)
+            factored = merging.factor_low_rank(B, A, svd_rank)
         else:
             updates = torch.stack(
                 [adapters[i].modules[name].delta() if name in adapters[i].modules else torch.zeros(shape, dtype=torch.float64) for i in range(len(adapters))]
             )
-            dense = lam * _merge_dense(method, updates, torch.tensor(weights, dtype=torch.float64), density, seed, name)
-            factored = merging.factor_dense(dense, rank or min(sum(u.rank for _, u in present), *shape))
+            dense = lambda_ * _merge_dense(method, updates, torch.tensor(weights, dtype=torch.float64), density, seed, name)
+            factored = merging.factor_dense(dense, svd_rank or min(sum(u.rank for _, u in present), *shape))
         modules[name] = LowRank(A=factored.A.float(), B=factored.B.float())
         energy[name] = (factored.kept_energy, factored.total_energy)
 
@@ -110,10 +112,10 @@ def compose(
         modules=modules,
         method=method,
         weights=[float(w) for w in weights],
-        lam=float(lam),
+        lambda_=float(lambda_),
         density=density if method in DENSE_METHODS else None,
         seed=seed if method in ("dare_linear", "dare_ties") else None,
-        rank=rank,
+        svd_rank=svd_rank,
         module_energy={name: (k / t if t else 1.0) for name, (k, t) in energy.items()},
         retained_energy=(sum(k for k, _ in energy.values()) / total if total else 1.0) if energy else None,
     )
@@ -167,10 +169,10 @@ def composition_record(adapters: list[Adapter], composition: Composition, base_m
     record = {
         "method": composition.method,
         "weights": composition.weights,
-        "lambda": composition.lam,
+        "lambda": composition.lambda_,
         "density": composition.density,
         "seed": composition.seed,
-        "svd_rank": composition.rank,
+        "svd_rank": composition.svd_rank,
         "retained_energy": composition.retained_energy,
         "module_retained_energy": composition.module_energy or None,
         "base_model": base_model,
@@ -191,7 +193,7 @@ def compose_dirs(
     extra_record: dict | None = None,
     **options,
 ) -> tuple[Composition, dict]:
-    """Read the adapter directories, compose them (`options`: compose()'s lam, density, seed, rank,
+    """Read the adapter directories, compose them (`options`: compose()'s lambda_, density, seed, svd_rank,
     layer_weights), write a PEFT directory + compose.json to `out`."""
     adapters = [read_adapter(path) for path in adapter_dirs]
     fan_in_fan_out = {bool(a.config.get("fan_in_fan_out")) for a in adapters}

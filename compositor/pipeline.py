@@ -13,7 +13,7 @@ import torch
 
 from compositor.adapters import AdapterError, read_adapter
 from compositor.compose import common_base_model, compose_dirs
-from compositor.config import ComposeConfig, LearnConfig
+from schema.compose import ComposeConfig, LearnConfig
 from compositor.learned import LearnedWeights, encode_pairs, learn_weights
 from compositor.restore import base_spec_of, load_base, quantization_error_table, resolve_dtype, summarize_errors
 
@@ -32,7 +32,9 @@ def resolve_adapter_dirs(names: list[str], job_adapters: Mapping[str, Path] | No
 def validation_batches(tokenizer, learn: LearnConfig) -> list[dict[str, torch.Tensor]]:
     """`learn.examples` (prompt, reference) pairs from the tasks file, taken across its tasks in turn,
     rendered with each task's own template, in batches of 8."""
-    from trainer.evaluation import load_tasks_file, render_prompt, task_rows
+    from trainer.checks import load_tasks_file
+    from data_pipeline.encoding import render_prompt
+    from data_pipeline.rows import task_rows
 
     tasks = load_tasks_file(learn.tasks)
     if not tasks.tasks:
@@ -69,8 +71,8 @@ def run_compose(config: ComposeConfig, out: Path, job_adapters: Mapping[str, Pat
         extra["method"] = "learned"
         weights, layer_weights, method = learned.weights, learned.per_layer, "linear"
     _, record = compose_dirs(
-        adapter_dirs, out, weights, method, lam=config.lam, density=config.density, seed=config.seed,
-        rank=config.svd_rank, base_model=base, extra_record=extra, layer_weights=layer_weights,
+        adapter_dirs, out, weights, method, lambda_=config.lambda_, density=config.density, seed=config.seed,
+        svd_rank=config.svd_rank, base_model=base, extra_record=extra, layer_weights=layer_weights,
     )
     return record
 
@@ -83,7 +85,8 @@ def run_fleet_compositions(compositions: list[ComposeConfig], fleet_output_dir: 
 def plr_report(adapter_dir: Path, tasks_file: Path, precisions: tuple[int, ...] = (4, 8, 16), dtype: str | None = None, base: str | None = None) -> dict:
     """The adapter evaluated on each base precision (task and forgetting metrics, each precision's
     own base as the forgetting reference), and ‖W − deq(q(W))‖/‖W‖ per layer for 4 and 8 bits."""
-    from trainer.evaluation import evaluate_matrix, load_tasks_file
+    from trainer.evaluation.matrix import evaluate_matrix
+    from trainer.checks import load_tasks_file
     from trainer.models import load_tokenizer
 
     tasks = load_tasks_file(tasks_file)  # fails on a bad file before any model loads

@@ -27,8 +27,8 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from compositor.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_adapter
-from trainer.checkpoint import atomic_directory
-from trainer.config import QuantConfig
+from schema.atomic import atomic_directory
+from schema.job import QuantConfig
 from trainer.models import load_base_model, load_tokenizer, resolve_model_dir
 
 PRECISIONS = (16, 8, 4)

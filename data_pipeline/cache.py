@@ -2,7 +2,7 @@
 
 Layout: `$LORAFLEET_CACHE/data/<key>/{tokens.arrow, meta.json}`. The key hashes the source bytes, the
 tokenizer, the template, seq_len and every setting that changes the tokens. The directory is
-written under a staging name and renamed into place, so a crash mid-write leaves no half cache.
+written atomically (schema.atomic), so a crash mid-write leaves no half cache.
 Reading maps the file: token ids stay in the page cache, never in Python lists.
 """
 
@@ -13,24 +13,25 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from transformers import PreTrainedTokenizerBase
-
-from data_pipeline.config import SourceConfig
 from data_pipeline.encoding import EncodeCounts, EncodedChunk, Encoder, tokenizer_fingerprint
 from data_pipeline.errors import DataError
 from data_pipeline.sources import iter_chunks, source_fingerprint
 from data_pipeline.splits import source_splitter
+from schema.atomic import atomic_directory
+from schema.data import SourceConfig
+from schema.outputs import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("lorafleet.data")
 CACHE_FORMAT = 2  # bump when the layout or the tokenisation rules change
@@ -44,7 +45,7 @@ def cache_schema(vocab_size: int) -> pa.Schema:
 
 
 def data_cache_root() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet")) / "data"
+    return cache_root() / "data"
 
 
 def cache_key(source: SourceConfig, tokenizer: PreTrainedTokenizerBase, template: str, seq_len: int, overlong: str) -> str:
@@ -152,10 +153,10 @@ def _check_bad_fraction(source: SourceConfig, counts: dict, examples: dict, max_
 def _build(source: SourceConfig, tokenizer, template: str, seq_len: int, overlong: str, num_proc: int, directory: Path) -> None:
     splitter = source_splitter(source) if source.split is not None else None
     encoder = Encoder(source, tokenizer, source.template or template, seq_len, overlong, splitter)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{directory.name}-", dir=directory.parent))
     started = time.perf_counter()
     totals = EncodeCounts()
-    try:
+
+    def fill(staging: Path) -> None:
         schema = cache_schema(len(tokenizer))
         with pa.OSFile(str(staging / "tokens.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for encoded in _encoded_chunks(encoder, source, num_proc):
@@ -169,9 +170,8 @@ def _build(source: SourceConfig, tokenizer, template: str, seq_len: int, overlon
             "tokenize_s": round(time.perf_counter() - started, 3),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    atomic_directory(directory, fill, replace=False)
     log.info(
         "data cache built: %s -> %s (%d rows, %d examples, %d tokens in %.1f s)",
         source.path, directory, totals.rows, totals.kept, totals.tokens, time.perf_counter() - started,

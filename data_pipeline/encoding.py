@@ -8,15 +8,19 @@ the model continues it. The response ends with the EOS token, labelled, so the m
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
-from data_pipeline.config import NAMED_TEMPLATES, PLACEHOLDER, SourceConfig
+from schema.data import NAMED_TEMPLATES, PLACEHOLDER, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.sources import Example, RowChunk, parse_example
 from data_pipeline.splits import ContentSplitter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Segments = list[tuple[str, bool]]  # (text, labelled)
 
@@ -120,13 +124,7 @@ class Encoder:
                 raise DataError(f"{file}: {place}: the tokenizer's chat template rejects this row ({type(err).__name__}: {err})") from None
         if self.template == "none":
             return [(example.prompt, False), (example.response, True)]
-        try:
-            prompt = PLACEHOLDER.sub(lambda m: _placeholder(example.values, m.group(1)), self.template)
-        except KeyError as err:
-            raise DataError(
-                f"{file}: {place}: the template names {{{err.args[0]}}}, which the row lacks; the row has fields "
-                f"{sorted(k for k in example.values)}"
-            ) from None
+        prompt = fill_template(self.template, example.values, f"{file}: {place}: ")
         return [(prompt, False), (example.response, True)]
 
     def encode(self, chunk: RowChunk) -> EncodedChunk:
@@ -190,9 +188,34 @@ class Encoder:
         )
 
 
-def _placeholder(values: dict, name: str) -> str:
-    value = values[name]
-    return value if isinstance(value, str) else str(value)
+def fill_template(template: str, values: dict[str, Any], where: str = "") -> str:
+    """`template` with each {column} replaced by the row's value; a column the row lacks is an error
+    (for training and evaluation alike: an empty string would silently change the prompt)."""
+
+    def value_of(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise DataError(
+                f"{where}the template names {{{name}}}, which the row lacks; the row has fields {sorted(values)}. "
+                "Fix the template or map the field with fields:"
+            )
+        value = values[name]
+        return value if isinstance(value, str) else str(value)
+
+    return PLACEHOLDER.sub(value_of, template)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, template: str, prompt: str, fields: dict[str, Any] | None = None) -> str:
+    """The exact text the model sees before its answer, as training builds it: the chat frame around one
+    user turn, or the tokenizer's leading special tokens (BOS) followed by the prompt, raw or put through
+    a named or {column} template. Evaluation, rehearsal generation and `lorafleet generate` all use it."""
+    resolved = resolve_template(template, tokenizer, "prompt_completion")
+    if resolved == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    if resolved != "none":
+        prompt = fill_template(resolved, {**(fields or {}), "prompt": prompt})
+    lead = _leading_special_ids(tokenizer)
+    return (tokenizer.decode(lead) if lead else "") + prompt
 
 
 def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.config import FORMAT_FIELDS, OPTIONAL_FIELDS, SourceConfig
+from schema.data import FORMAT_FIELDS, OPTIONAL_FIELDS, SourceConfig
 from data_pipeline.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
@@ -64,7 +64,7 @@ def resolve_files(source: SourceConfig) -> list[Path]:
     elif path.is_file():
         files = [path]
     else:
-        raise DataError(f"{source.path}: no such file or directory (working directory {Path.cwd()}); fix data path")
+        raise DataError(f"{source.path}: no such file or directory (relative paths start at {Path.cwd()}); correct the path")
     unknown = [f for f in files if f.suffix not in FILE_SUFFIXES]
     if unknown:
         raise DataError(f"{unknown[0]}: unsupported file type '{unknown[0].suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
@@ -112,8 +112,9 @@ def iter_chunks(source: SourceConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[
 def _jsonl_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
     rows: list[dict] = []
     places: list[str] = []
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = decode_line(raw[3:] if number == 1 and raw.startswith(BOM) else raw, file, number)
             if not line.strip():
                 continue
             try:
@@ -133,10 +134,24 @@ def _jsonl_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], lis
         yield rows, places
 
 
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some editors write it; pandas and datasets skip it too
+
+
+def decode_line(raw: bytes, file: Path, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        hint = " (it looks like a Parquet file; name it .parquet)" if raw.startswith(b"PAR1") or b"PAR1" in raw[:8] else ""
+        raise DataError(
+            f"{file}:{number}: line {number} is not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}){hint}; "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _json_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
     # A JSON array cannot be streamed with the standard library; use JSONL for large sources.
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(decode_line(file.read_bytes().removeprefix(BOM), file, 1))
     except json.JSONDecodeError as err:
         raise DataError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -159,7 +174,14 @@ def _parquet_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], l
     except Exception as err:
         raise DataError(f"{file}: not a readable Parquet file ({err})") from None
     seen = 0
-    for batch in parquet.iter_batches(batch_size=chunk_rows):
+    batches = parquet.iter_batches(batch_size=chunk_rows)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # corrupt pages surface only when read
+            raise DataError(f"{file}: rows after row {seen} cannot be read ({type(err).__name__}: {err}); the Parquet file is damaged") from None
         rows = batch.to_pylist()
         yield rows, [f"row {seen + i + 1}" for i in range(len(rows))]
         seen += len(rows)
@@ -167,8 +189,8 @@ def _parquet_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], l
 
 def _csv_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
     # The csv module keeps every cell a string ("42" stays text), which is what the formats expect.
-    with open(file, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    with open(file, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(_csv_lines(handle, file))
         rows: list[dict] = []
         places: list[str] = []
         for row in reader:
@@ -183,10 +205,25 @@ def _csv_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[
             yield rows, places
 
 
+def _csv_lines(handle, file: Path) -> Iterator[str]:
+    number = 0
+    try:
+        for number, line in enumerate(handle, start=1):  # noqa: B007
+            yield line
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file}:{number + 1}: line {number + 1} is not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the file as UTF-8") from None
+
+
 def _hf_dir_chunks(path: Path, split: str, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a broken state.json or missing Arrow files: one clear message
+        raise DataError(
+            f"{path}: looks like a Hugging Face dataset directory but cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "save it again with save_to_disk, or point at its data files"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: the dataset has splits {sorted(loaded)}, not '{split}'; set hf_split")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from data_pipeline.cache import TokenCache
-from data_pipeline.config import DataConfig
+from schema.data import DataConfig
 from data_pipeline.errors import DataError
 
 STATE_FORMAT = 1

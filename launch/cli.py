@@ -1,4 +1,8 @@
-"""The `lorafleet` command line."""
+"""The `lorafleet` command line.
+
+Each command imports what it needs when it runs, so `--help`, `status` and `check` answer without
+loading torch, transformers or Ray.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +10,78 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from launch.config import ConfigError, load_job_config
+import trainer  # noqa: F401  (light; installs the filter for bitsandbytes' import-time notice before anything imports it)
 from launch.console import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train many QLoRA adapters in parallel, without forgetting.")
-console = Console(stderr=True)
+
+EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"lorafleet {version('lorafleet')}")
+        except PackageNotFoundError:
+            typer.echo("lorafleet (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Train many QLoRA adapters in parallel, without forgetting."""
 
 
 @app.command()
 def train(
-    job_file: Path = typer.Argument(..., help="Job YAML."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set train.max_steps=50 (repeatable)."),
+    job_file: Path = typer.Argument(..., help="Job YAML.", metavar="JOB.yaml"),
+    set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set train.max_steps=50 (repeatable).", metavar="KEY=VALUE"),
 ) -> None:
     """Train one adapter job (resumes if its output_dir holds a checkpoint)."""
+    from schema.problems import ConfigError
+    from trainer.checks import load_checked_job
+
     try:
-        config = load_job_config(job_file, set_)
+        config = load_checked_job(job_file, set_)
     except ConfigError as err:
-        fail(str(err))
-    from trainer import JobError, run_job
+        fail(err)
+    from trainer.errors import JobError, JobInterrupted
+    from trainer.loop import run_job
 
     try:
         result = run_job(config)
     except JobError as err:
-        fail(str(err))
-    console.print(f"adapter: {result.adapter_dir}")
+        fail(err, code=EXIT_JOB_FAILED)
+    except JobInterrupted as err:
+        fail(err, code=EXIT_INTERRUPTED)
+    typer.echo(f"adapter: {result.adapter_dir}")
+
+
+@app.command()
+def check(
+    config_file: Path = typer.Argument(..., help="A fleet or job YAML.", metavar="FLEET_OR_JOB.yaml"),
+    set_: list[str] = typer.Option([], "--set", help="Override a field, as for run and train (repeatable).", metavar="KEY=VALUE"),
+    show_config: bool = typer.Option(True, "--config/--no-config", help="Print each job's resolved config."),
+) -> None:
+    """A dry run: every job's resolved config, its data (rows and tokens), where it would run, and every
+    problem. Loads no model and starts nothing."""
+    from launch.cli_check import check_command
+
+    check_command(config_file, set_, show_config)
 
 
 @app.command()
 def demo(
-    fleet_file: Path = typer.Option(Path("examples/fleet_demo.yaml"), help="The demo fleet."),
-    set_: list[str] = typer.Option([], "--set", help="Override a fleet-file field (repeatable)."),
+    fleet_file: Path = typer.Option(Path("examples/fleet_demo.yaml"), help="The demo fleet.", metavar="FLEET.yaml"),
+    set_: list[str] = typer.Option([], "--set", help="Override a fleet-file field (repeatable).", metavar="KEY=VALUE"),
 ) -> None:
-    """Generate the demo data and train the demo fleet: two SmolLM2-135M QLoRA adapters on two tasks,
-    on an embedded local Ray cluster. The summary shows each job's eval loss before -> after."""
+    """Generate the demo data and train the demo fleet on an embedded local Ray cluster. The summary
+    shows each job's eval loss before -> after."""
     from launch import cli_fleet
     from launch.demo_data import write_demo_data
 
@@ -52,6 +93,7 @@ def demo(
 from launch import cli_fleet; cli_fleet.register(app)  # noqa: E402,E702
 from launch import cli_eval; cli_eval.register(app)  # noqa: E402,E702
 from launch import cli_compose; cli_compose.register(app)  # noqa: E402,E702
+
 
 def main() -> None:
     app(prog_name="lorafleet")

@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from launch.console import fail
+from launch.console import fail, options_error
+from schema.compose import COMPOSE_METHODS
+from schema.problems import ConfigError, Problem
 
 NUMBER = re.compile(r"-\d|-\.\d")
 
@@ -49,15 +51,6 @@ class ListOptionsCommand(TyperCommand):
         return super().parse_args(ctx, join_option_values(args, ("--adapters", "--weights")))
 
 
-def options_error(err: ValidationError) -> str:
-    """A pydantic error on the options, phrased as the options the user typed. An error on the options
-    together (no field) is the message alone: the input would be every option at once."""
-    return "; ".join(
-        f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')} = {e.get('input')!r}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ")
-        for e in err.errors()
-    )
-
-
 def energy_table(record: dict) -> Table:
     table = Table(title=f"composed: {record['method']}")
     table.add_column("adapter")
@@ -69,14 +62,13 @@ def energy_table(record: dict) -> Table:
     return table
 
 
-def error_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("module")
-    columns = sorted({k for row in rows for k in row if k.startswith("rel_err_")})
-    for column in columns:
-        table.add_column(column.removeprefix("rel_err_") + " ‖W−deq(q(W))‖/‖W‖", justify="right")
-    for row in rows:
-        table.add_row(row["module"], *(f"{row[c]:.4f}" if c in row else "-" for c in columns))
+def error_summary_table(summary: dict[str, float], layers: int) -> Table:
+    """‖W − deq(q(W))‖/‖W‖ per bit width: the parameter-weighted mean and the worst layer."""
+    table = Table(title=f"quantization error ‖W−deq(q(W))‖/‖W‖ over {layers} linear layers")
+    for column in ("base", "mean (weighted by parameters)", "max"):
+        table.add_column(column, justify="right" if column != "base" else "left")
+    for key in sorted({k.removesuffix("_mean").removesuffix("_max") for k in summary}):
+        table.add_row(key.removeprefix("rel_err_"), f"{summary[key + '_mean']:.4f}", f"{summary[key + '_max']:.4f}")
     return table
 
 
@@ -86,8 +78,8 @@ def register(app: typer.Typer) -> None:
         adapters: list[str] = typer.Option(..., "--adapters", help="PEFT adapter directories: --adapters A B C (or A,B,C, or repeated)."),
         out: Path = typer.Option(..., "--out", help="Directory for the composed PEFT adapter and compose.json."),
         weights: list[str] = typer.Option([], "--weights", help="One weight per adapter, in order: --weights 0.5 0.3 0.2 (or 0.5,0.3,0.2). Default: 1/n for linear and svd, 1 otherwise."),
-        method: str = typer.Option("linear", "--method", help="linear | task_arithmetic | svd | ties | dare_linear | dare_ties | magnitude | learned"),
-        lam: float = typer.Option(1.0, "--lambda", help="Overall strength λ for task_arithmetic, ties, dare_* and magnitude."),
+        method: str = typer.Option("linear", "--method", help=f"How to combine: {' | '.join(COMPOSE_METHODS)}."),
+        lambda_: float = typer.Option(1.0, "--lambda", help="Overall strength λ for task_arithmetic, ties, dare_* and magnitude."),
         density: float = typer.Option(0.5, "--density", help="Share of entries kept by ties, dare_* and magnitude."),
         seed: int = typer.Option(0, "--seed", help="Seed of the DARE drop masks."),
         svd_rank: int | None = typer.Option(None, "--svd-rank", help="Re-compress to this rank (truncated SVD) and report the retained energy."),
@@ -98,11 +90,13 @@ def register(app: typer.Typer) -> None:
         per_layer: bool = typer.Option(False, "--per-layer", help="learned: one weight per adapter and layer."),
         average: str = typer.Option("example", "--average", help="learned: the fit's NLL is a mean over examples (example) or over tokens (token)."),
         base: str | None = typer.Option(None, "--base", help="Base model spec, when the adapters name none or disagree."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier composition in --out."),
     ) -> None:
         """Combine adapters into one PEFT adapter (exact linear sum, task arithmetic, TIES, DARE, magnitude, SVD, learned)."""
         from compositor.adapters import AdapterError
-        from compositor.config import ComposeConfig
         from compositor.pipeline import run_compose
+        from schema.compose import ComposeConfig
+        from schema.outputs import output_problem
 
         adapter_list = [item for value in adapters for item in value.split(",") if item]
         try:
@@ -117,14 +111,16 @@ def register(app: typer.Typer) -> None:
                 learn = {"tasks": tasks, "examples": examples, "steps": steps, "l1": l1, "per_layer": per_layer, "average": average}
             config = ComposeConfig(
                 name=re.sub(r"[^A-Za-z0-9_.-]", "-", out.name).lstrip("-._") or "composed", adapters=adapter_list, method=method, weights=weight_list or None,
-                lam=lam, density=density, seed=seed, svd_rank=svd_rank, learn=learn,
+                lambda_=lambda_, density=density, seed=seed, svd_rank=svd_rank, learn=learn,
             )
         except ValidationError as err:
             fail(options_error(err))
+        if (problem := output_problem(out, overwrite=overwrite, inputs=tuple(adapter_list))) is not None:
+            fail(ConfigError(problem))
         try:
             record = run_compose(config, out, base=base)
         except (AdapterError, ValueError) as err:
-            fail(str(err))
+            fail(err)
         console = Console()
         console.print(energy_table(record))
         if "learned" in record:
@@ -141,18 +137,22 @@ def register(app: typer.Typer) -> None:
         dtype: str | None = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16; default: the base's own dtype at 16 bits, fp32 compute at 8/4."),
         base: str | None = typer.Option(None, "--base", help="Base model spec; default: the adapter's base_model_name_or_path."),
         compare: bool = typer.Option(True, "--compare-merges/--no-compare-merges", help="With --merge: measure how merging into W, into deq(NF4(W)) and into the NF4 model differ from the trained model."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier restore in --out."),
     ) -> None:
         """Post-LoRA Restoration: apply the adapter to the base at 16, 8 or 4 bits, optionally merged."""
         from compositor.adapters import AdapterError
         from compositor.restore import PRECISIONS, restore
-        from trainer.models import ModelSpecError
+        from schema.outputs import output_problem
+        from trainer.specs import ModelSpecError
 
         if base_precision not in PRECISIONS:
-            fail(f"--base-precision {base_precision} is not one of 16, 8, 4")
+            fail(ConfigError(Problem.at((), base_precision, f"--base-precision is not one of {', '.join(map(str, PRECISIONS))}", "choose one of those")))
+        if (problem := output_problem(out, overwrite=overwrite, inputs=(adapter,))) is not None:
+            fail(ConfigError(problem))
         try:
             result = restore(adapter, base_precision, out, merge=merge, dtype=dtype, base=base, compare_merges=compare)
         except (AdapterError, ModelSpecError) as err:
-            fail(str(err))
+            fail(err)
         console = Console()
         report = result.record.get("merge_comparison")
         console.print_json(json.dumps({k: v for k, v in result.record.items() if k != "merge_comparison"}))
@@ -171,20 +171,23 @@ def register(app: typer.Typer) -> None:
     def plr_command(
         adapter: Path = typer.Argument(..., help="PEFT adapter directory."),
         tasks: Path = typer.Option(..., "--tasks", help="Tasks YAML: task metrics and the forgetting probe."),
-        out: Path | None = typer.Option(None, "--out", help="Write plr.json here (directory)."),
+        out: Path | None = typer.Option(None, "--out", help="Write plr.json (everything, the per-layer errors too) into this directory."),
         dtype: str | None = typer.Option(None, "--dtype", help="Dtype of the 16-bit base (default: its own)."),
         base: str | None = typer.Option(None, "--base", help="Base model spec; default: the adapter's base_model_name_or_path."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier plr.json in --out."),
     ) -> None:
-        """Evaluate the adapter on its 4-bit, 8-bit and 16-bit bases side by side, with the quantization error per layer."""
+        """Evaluate the adapter on its 4-bit, 8-bit and 16-bit bases side by side, with the quantization error per bit width."""
         from compositor.adapters import AdapterError
         from compositor.pipeline import plr_report
-        from trainer.evaluation import TasksFileError
-        from trainer.models import ModelSpecError
+        from schema.outputs import output_problem
+        from trainer.specs import ModelSpecError
 
+        if out is not None and (problem := output_problem(out, overwrite=overwrite, inputs=(adapter,))) is not None:
+            fail(ConfigError(problem))
         try:
             report = plr_report(adapter, tasks, dtype=dtype, base=base)
-        except (AdapterError, TasksFileError, ModelSpecError) as err:
-            fail(str(err))
+        except (AdapterError, ConfigError, ModelSpecError) as err:
+            fail(err)
         console = Console()
         names = sorted({k for col in report["columns"].values() for k in col["adapter"]}, key=lambda c: (c.startswith("eval/forgetting/"), c))
         table = Table(title=f"PLR: {adapter} on {report['base_model']}")
@@ -194,10 +197,9 @@ def register(app: typer.Typer) -> None:
         for name in names:
             table.add_row(name.removeprefix("eval/"), *(f"{col['adapter'].get(name, float('nan')):.4g}" for col in report["columns"].values()))
         console.print(table)
-        console.print(error_table(report["quantization_error"], "per-layer quantization error"))
-        console.print({k: round(v, 5) for k, v in report["quantization_error_summary"].items()})
+        console.print(error_summary_table(report["quantization_error_summary"], len(report["quantization_error"])))
         if out is not None:
-            from trainer.checkpoint import atomic_write_text
+            from schema.atomic import atomic_directory, json_text
 
-            atomic_write_text(out / "plr.json", json.dumps(report, indent=2) + "\n")
-            console.print(f"wrote {out / 'plr.json'}")
+            atomic_directory(out, lambda staging: (staging / "plr.json").write_text(json_text(report, indent=2)))
+            console.print(f"wrote {out / 'plr.json'} (with the error of each of the {len(report['quantization_error'])} layers)")

@@ -10,15 +10,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from launch.config import ConfigError
 from launch.console import fail
-from launch.fleet_config import capacity_problems, load_fleet_config
 
 # Off a terminal rich assumes 80 columns and would truncate the job table in log files.
 out = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
-# Exit codes: 1 = some job failed after its retries, 2 = bad input (launch.console), 130 = stopped by Ctrl-C/SIGTERM.
+# Exit codes: 1 = some job failed, 2 = bad input (launch.console), 130 = stopped by Ctrl-C/SIGTERM.
 EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
@@ -32,14 +30,17 @@ def run(
     """Train every job of a fleet: queued, placed, retried from checkpoints, shown live. Re-running resumes."""
     from cluster.capacity import cluster_has_gpus, job_shape, local_node, slot_count
     from cluster.session import cluster_address
+    from launch.checks import capacity_problems, load_checked_fleet
+    from schema.problems import ConfigError
 
     embedded = cluster_address(address) is None
     # An embedded cluster's one node is known before Ray starts, so the capacity check joins the others.
     nodes = [local_node(num_cpus)] if embedded else None
     try:
-        fleet = load_fleet_config(fleet_file, set_, nodes=nodes)
+        loaded = load_checked_fleet(fleet_file, set_, nodes=nodes)
     except ConfigError as err:
-        fail(str(err))
+        fail(err)
+    fleet = loaded.config
 
     from cluster.fleet import FleetJob, FleetRunner
     from cluster.session import ClusterUnreachable, ray_session
@@ -47,9 +48,9 @@ def run(
 
     try:
         with ray_session(address, num_cpus=num_cpus, num_gpus=int(nodes[0].gpus) if nodes else None) as live_nodes:
-            problems = capacity_problems(fleet.jobs, live_nodes, str(fleet_file))
+            problems = capacity_problems(loaded, live_nodes)
             if problems:
-                fail(f"the cluster cannot hold every job ({len(problems)} problems):\n  " + "\n  ".join(problems))
+                fail(ConfigError(problems, title="the cluster cannot hold every job"))
             gpus = cluster_has_gpus(live_nodes)
             jobs = [FleetJob(config=job, shape=job_shape(job.resources, gpus), max_failures=job.resources.max_failures) for job in fleet.jobs]
             runner = FleetRunner(
@@ -57,7 +58,7 @@ def run(
             )
             record = runner.run()
     except ClusterUnreachable as err:
-        fail(str(err))
+        fail(err)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (FleetInterrupted)
         err_console.print(f"stopped; the workers were stopped. Run the same command again to resume from the newest checkpoints ({fleet.output_dir}/fleet.json).")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -80,8 +81,8 @@ def status(run_dir: Path = typer.Argument(..., help="A fleet's output_dir (holds
 
     try:
         record = read_fleet_record(run_dir)
-    except FileNotFoundError as err:
-        fail(str(err))
+    except (FileNotFoundError, ValueError) as err:
+        fail(err)
     out.print(jobs_table(record))
     age = time.time() - Path(run_dir, "fleet.json").stat().st_mtime
     out.print(f"fleet {record.name}: {record.state} (fleet.json written {age:.0f}s ago)", highlight=False)
@@ -101,8 +102,8 @@ def tb(
 
     try:
         spec = logdir_spec(run_dir)
-    except FileNotFoundError as err:
-        fail(str(err))
+    except (FileNotFoundError, ValueError) as err:
+        fail(err)
     command = [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec, "--host", "127.0.0.1", "--port", str(port)]
     err_console.print(f"TensorBoard on http://127.0.0.1:{port}/ (Ctrl-C stops it)")
     # Become TensorBoard, so that a signal to this process reaches it and no server outlives us.

@@ -55,7 +55,8 @@ def toy_data(tmp_path) -> dict[str, Path]:
 @pytest.fixture
 def make_job(tmp_path, tiny_model_dir, toy_data):
     """A JobConfig for the tiny model on the toy task; keyword sections are deep-merged over the defaults."""
-    from launch.config import JobConfig, deep_merge
+    from schema.job import JobConfig
+    from schema.fleet import deep_merge
 
     def build(**sections) -> "JobConfig":
         raw = {

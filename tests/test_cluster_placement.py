@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
 from cluster.capacity import job_shape
-from cluster.config import ResourcesConfig
+from schema.job import ResourcesConfig
 from cluster.session import ray_nodes
 from cluster.worker import distributed_env, release, reserve, start_workers, stop_workers
 

@@ -118,10 +118,10 @@ def test_per_layer_weights_weight_each_layer_on_its_own(adapter_dirs):
 def test_task_arithmetic_scales_the_sum_and_svd_keeps_the_energy_it_reports(adapter_dirs):
     adapters = [read_adapter(d) for d in adapter_dirs]
     linear = compose(adapters, [1.0, 1.0, 1.0], "linear").deltas()
-    scaled = compose(adapters, None, "task_arithmetic", lam=0.4).deltas()
+    scaled = compose(adapters, None, "task_arithmetic", lambda_=0.4).deltas()
     for name in linear:
         assert torch.allclose(scaled[name], 0.4 * linear[name], atol=1e-6)
-    svd = compose(adapters, [1.0, 1.0, 1.0], "svd", rank=2)
+    svd = compose(adapters, [1.0, 1.0, 1.0], "svd", svd_rank=2)
     assert {u.rank for u in svd.modules.values()} == {2}
     kept = total = 0.0
     for name, delta in linear.items():
@@ -132,7 +132,7 @@ def test_task_arithmetic_scales_the_sum_and_svd_keeps_the_energy_it_reports(adap
         assert residual == pytest.approx(float(singular[2:].square().sum().sqrt()), rel=1e-4, abs=1e-6)
     assert svd.retained_energy == pytest.approx(kept / total, rel=1e-6)
     assert 0.3 < svd.retained_energy < 1.0
-    assert compose(adapters, [1.0, 1.0, 1.0], "svd", rank=8).retained_energy == pytest.approx(1.0)
+    assert compose(adapters, [1.0, 1.0, 1.0], "svd", svd_rank=8).retained_energy == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude"])
@@ -156,7 +156,7 @@ def test_dense_methods_write_loadable_adapters_with_their_record(tiny_model_dir,
 def test_dense_methods_at_full_rank_reproduce_the_rule_exactly(adapter_dirs):
     adapters = [read_adapter(d) for d in adapter_dirs]
     name = "model.layers.1.self_attn.q_proj"  # in adapters 0 and 1 only; adapter 2 counts as zero
-    composition = compose(adapters, [1.0, 1.0, 1.0], "magnitude", density=0.3, rank=64)
+    composition = compose(adapters, [1.0, 1.0, 1.0], "magnitude", density=0.3, svd_rank=64)
     from compositor import merging
 
     updates = torch.stack([a.modules[name].delta() if name in a.modules else torch.zeros(64, 64, dtype=torch.float64) for a in adapters])

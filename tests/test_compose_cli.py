@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
-import yaml
+from schema.yamlfile import dump_yaml, read_yaml_text
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from compositor.config import ComposeConfig
+from schema.compose import ComposeConfig
 from conftest import addition_rows, write_jsonl
 from launch.cli import app
 from test_compose import make_adapter, one_thread  # noqa: F401  (autouse: one torch thread)
@@ -30,7 +32,7 @@ def two_adapters(tiny_model_dir, tmp_path_factory):
 def tasks_file(tmp_path):
     data = write_jsonl(tmp_path / "add.jsonl", addition_rows(12, seed=5))
     path = tmp_path / "tasks.yaml"
-    path.write_text(yaml.safe_dump({"tasks": [
+    path.write_text(dump_yaml({"tasks": [
         {"name": "add", "path": str(data), "metric": "exact_match", "n": 4, "template": "none", "max_new_tokens": 3},
         {"name": "add_loss", "path": str(data), "metric": "loss", "n": 4, "template": "none"},
     ]}))
@@ -116,14 +118,28 @@ def test_compose_section_schema():
         ComposeConfig.model_validate({"name": "mix", "adapters": ["a"], "densty": 0.3})
 
 
-def test_compose_section_problems_are_found_before_jobs_run(two_adapters, tmp_path):
-    from compositor.config import compose_problems
+def test_compose_section_problems_are_found_before_jobs_run(two_adapters, tmp_path, toy_data):
+    from launch.checks import compose_problems
+    from schema.loading import load_fleet
 
-    good = ComposeConfig(name="mix", adapters=["job-a", str(two_adapters[1])])
-    assert compose_problems([good], ["job-a", "job-b"]) == []
-    typo = ComposeConfig(name="mix", adapters=["job-c"])
-    learned = ComposeConfig(name="fit", adapters=["job-a"], method="learned", learn={"tasks": tmp_path / "none.yaml"})
-    problems = compose_problems([good, typo, learned, good], ["job-a", "job-b"])
-    assert any("'job-c' is neither a job of this fleet (job-a, job-b)" in p for p in problems)
-    assert any("learn.tasks" in p and "does not exist" in p for p in problems)
-    assert any("'mix' is used twice" in p for p in problems)
+    def fleet(compose: list[dict]) -> Path:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(dump_yaml({
+            "name": "f", "defaults": {"data": {"train": {"path": str(toy_data["train"])}}},
+            "jobs": [{"name": "job-a"}, {"name": "job-b"}], "output_dir": str(tmp_path / "run"), "compose": compose,
+        }))
+        return path
+
+    good = {"name": "mix", "adapters": ["job-a", str(two_adapters[1])]}
+    assert compose_problems(load_fleet(fleet([good]))) == []
+    typo = {"name": "mix", "adapters": ["job-c"]}
+    learned = {"name": "fit", "adapters": ["job-a"], "method": "learned", "learn": {"tasks": str(tmp_path / "none.yaml")}}
+    path = fleet([good, typo, learned, good])
+    loaded = load_fleet(path)
+    problems = [str(loaded.placement.locate(p)) for p in compose_problems(loaded)]
+    assert any("compose.1.adapters.0 = 'job-c': is neither a job of this fleet (job-a, job-b)" in p for p in problems), problems
+    assert any("compose.2.learn.tasks" in p and "no such tasks file" in p for p in problems), problems
+    assert any("compose.1.name = 'mix': is used twice" in p for p in problems), problems
+    assert all(p.startswith(f"{path}:") for p in problems)
+
+

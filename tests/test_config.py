@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
+from schema.yamlfile import dump_yaml, read_yaml_text
 from typer.testing import CliRunner
 
 from launch.cli import app
-from launch.config import ConfigError, JobConfig, apply_overrides, deep_merge, load_job_config
+from schema.problems import ConfigError
+from schema.job import JobConfig
+from schema.loading import apply_overrides, load_job_config
+from schema.fleet import deep_merge
 
 GOOD = """\
 model: smollm2-135m
@@ -31,7 +34,7 @@ def test_the_issue_example_validates_and_round_trips(tmp_path):
     path.write_text(GOOD)
     config = load_job_config(path)
     assert config.quant.bits == 4 and config.lora.targets == "attn" and config.train.grad_accum == 4
-    assert JobConfig.model_validate(yaml.safe_load(config.to_yaml())) == config
+    assert JobConfig.model_validate(read_yaml_text(config.to_yaml(), "test")[0]) == config
     assert JobConfig.model_validate_json(config.model_dump_json()) == config
 
 
@@ -77,7 +80,7 @@ def test_cli_rejects_bad_input_before_anything_is_written(tmp_path):
     assert "optim.name = 'sgd'" in result.output and not out_dir.exists()
 
     result = runner.invoke(app, ["train", str(tmp_path / "nope.yaml")])
-    assert result.exit_code == 2 and "no such config file" in result.output
+    assert result.exit_code == 2 and "no such job file" in result.output
 
 
 def test_cli_reports_a_bad_jsonl_row_with_file_and_line(tmp_path, tiny_model_dir):
@@ -85,7 +88,7 @@ def test_cli_reports_a_bad_jsonl_row_with_file_and_line(tmp_path, tiny_model_dir
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json\n")
     path = tmp_path / "job.yaml"
     path.write_text(
-        yaml.safe_dump(
+        dump_yaml(
             {"model": str(tiny_model_dir), "data": {"train": {"path": str(data)}}, "output_dir": str(tmp_path / "out"), "train": {"max_steps": 1}}
         )
     )

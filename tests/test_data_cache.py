@@ -15,7 +15,8 @@ import pytest
 from conftest import addition_rows, write_jsonl
 from tiny import make_tokenizer
 
-from data_pipeline import DataConfig, DataError, build_train_stream
+from data_pipeline import DataError, build_train_stream
+from schema.data import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_failed_build_leaves_no_cache(tmp_path, tokenizer, private_cache):
         handle.write("{not json\n")
     with pytest.raises(DataError, match=r"t\.jsonl:5001"):
         build_train_stream(DataConfig(train={"path": str(path)}, template="none"), tokenizer, seq_len=64, micro_batch=2, seed=0)
-    assert committed(private_cache) == [] and not list(private_cache.glob(".staging-*"))
+    assert committed(private_cache) == [] and not list(private_cache.glob(".tmp-*"))
 
 
 def build_in_this_process(path: str) -> None:
@@ -83,7 +84,7 @@ def test_a_crash_mid_write_leaves_no_half_cache(tmp_path, tokenizer, private_cac
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.is_alive():
-            partial = list(private_cache.glob(".staging-*/tokens.arrow")) if private_cache.exists() else []
+            partial = list(private_cache.glob(".tmp-*/tokens.arrow")) if private_cache.exists() else []
             if partial and partial[0].stat().st_size > 0:
                 break
             time.sleep(0.01)
@@ -123,6 +124,6 @@ def test_ranks_opening_one_source_at_once_tokenise_it_once(tmp_path, tokenizer, 
     said = sorted("built" if "data cache built" in log.read_text() else "hit" if "data cache hit" in log.read_text() else "?" for log in logs)
     assert said == ["built", "hit"]  # one rank tokenised, the other waited and reused its cache
     (entry,) = committed(private_cache)
-    assert not list(private_cache.glob(".staging-*"))
+    assert not list(private_cache.glob(".tmp-*"))
     stream = build_train_stream(DataConfig(train={"path": str(path)}, template="none"), tokenizer, seq_len=64, micro_batch=2, seed=0)
     assert stream.caches[0].hit and stream.caches[0].directory == entry

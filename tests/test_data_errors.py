@@ -10,7 +10,8 @@ from conftest import addition_rows, write_jsonl
 from pydantic import ValidationError
 from tiny import make_tokenizer
 
-from data_pipeline import DataConfig, DataError, build_train_stream, validate_data
+from data_pipeline import DataError, build_train_stream, validate_data
+from schema.data import DataConfig
 from data_pipeline.cache import data_cache_root
 
 
@@ -124,7 +125,7 @@ def test_bad_row_in_a_worker_process_is_a_data_error(tmp_path, tokenizer):
     config = DataConfig(train={"path": str(path)}, template="none", num_proc=2)
     with pytest.raises(DataError, match=r"big\.jsonl: line 8501: field 'completion' is missing"):
         build_train_stream(config, tokenizer, seq_len=64, micro_batch=1, seed=0)
-    assert not list(data_cache_root().glob(".staging-*"))  # the half-written cache was removed
+    assert not list(data_cache_root().glob(".tmp-*"))  # the half-written cache was removed
 
 
 def test_config_mistakes_are_caught_by_the_schema(tmp_path):

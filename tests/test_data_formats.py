@@ -12,8 +12,9 @@ import pytest
 from conftest import write_jsonl
 from tiny import make_tokenizer
 
-from data_pipeline import DataConfig, build_eval_batches, validate_data
-from data_pipeline.config import NAMED_TEMPLATES
+from data_pipeline import build_eval_batches, validate_data
+from schema.data import DataConfig
+from schema.data import NAMED_TEMPLATES
 
 SEQ_LEN = 256
 

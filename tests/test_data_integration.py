@@ -16,8 +16,8 @@ GSM8K_TEMPLATE = "Answer the following math question.\n\nQuestion: {question}\n\
 
 
 def test_gsm8k_with_t0_rehearsal_trains_and_logs_the_configured_ratio(tmp_path, tiny_model_dir):
-    from launch.config import JobConfig
-    from trainer import run_job
+    from schema.job import JobConfig
+    from trainer.loop import run_job
 
     window, micro_batch, seq_len, steps = 2, 2, 1024, 6
     config = JobConfig.model_validate(

@@ -10,7 +10,8 @@ import pytest
 from conftest import SHARED_DATA, write_jsonl
 from tiny import make_tokenizer
 
-from data_pipeline import DataConfig, build_eval_batches, content_key, split_of_key
+from data_pipeline import build_eval_batches, content_key, split_of_key
+from schema.data import DataConfig
 from data_pipeline.sources import iter_chunks, parse_example
 from data_pipeline.splits import WordStatistics
 

@@ -12,7 +12,8 @@ import torch
 from conftest import write_jsonl
 from tiny import make_tokenizer
 
-from data_pipeline import DataConfig, DataError, build_train_stream
+from data_pipeline import DataError, build_train_stream
+from schema.data import DataConfig
 
 SEQ_LEN = 64
 

@@ -10,7 +10,8 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from trainer import JobError, run_job
+from trainer.errors import JobError
+from trainer.loop import run_job
 
 
 def free_port() -> int:
@@ -23,7 +24,7 @@ def _worker(rank: int, config_json: str, port: int, cache: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LORAFLEET_CACHE=cache
     )
-    from launch.config import JobConfig
+    from schema.job import JobConfig
 
     run_job(JobConfig.model_validate_json(config_json))
 

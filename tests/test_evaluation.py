@@ -13,16 +13,13 @@ from conftest import write_jsonl
 from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
-from trainer.config import QuantConfig
-from trainer.evaluation import (
-    TasksFile,
-    build_base_reference,
-    evaluate_matrix,
-    evaluate_tasks,
-    generate,
-    load_tasks_file,
-    render_prompt,
-)
+from schema.job import QuantConfig
+from schema.tasks import TasksFile
+from trainer.evaluation.tasks import build_base_reference, evaluate_tasks
+from trainer.evaluation.matrix import evaluate_matrix
+from trainer.evaluation.generation import generate
+from trainer.checks import load_tasks_file
+from data_pipeline.encoding import render_prompt
 from trainer.models import load_base_model, load_tokenizer
 
 PROMPTS = ["Q: What is 12 plus 7? A:", "the", "what is the answer to the question of the sum of a number", "reverse the word"]
@@ -208,7 +205,7 @@ def test_adapter_matrix_and_cli(tiny_model_dir, tmp_path):
 def test_dequantized_4bit_forward_matches_bitsandbytes(tiny):
     import bitsandbytes as bnb
 
-    from trainer.evaluation import dequantized_4bit
+    from trainer.evaluation.generation import dequantized_4bit
 
     model, tokenizer = tiny
     ids = torch.tensor([tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]])
@@ -230,8 +227,8 @@ def test_evaluating_between_training_steps_changes_nothing_in_training(tiny_mode
     """What a job does every eval.every steps: the next training loss (dropout on, same RNG) is bit-identical
     whether or not an evaluation ran in between, and the model is back in train mode with bnb's forward."""
     from trainer.adapters import attach_adapter
-    from trainer.config import ForgettingConfig
-    from trainer.config import LoraConfig as JobLoraConfig
+    from schema.job import ForgettingConfig
+    from schema.job import LoraConfig as JobLoraConfig
     from trainer.losses import compute_loss
 
     base = load_base_model(str(tiny_model_dir), QuantConfig(bits=4), dtype=FP32, device=torch.device("cpu"))
@@ -251,4 +248,6 @@ def test_evaluating_between_training_steps_changes_nothing_in_training(tiny_mode
 
     assert torch.equal(loss_after(evaluate=True), loss_after(evaluate=False))
     assert model.training
-    assert not any("forward" in vars(module) for module in model.modules())
+    import bitsandbytes as bnb
+
+    assert not any("forward" in vars(module) for module in model.modules() if isinstance(module, bnb.nn.Linear4bit))

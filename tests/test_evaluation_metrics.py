@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import write_jsonl
 
-from trainer.evaluation import (
-    TasksFileError,
-    contains,
-    exact_match,
-    extract_numbers,
-    gsm8k_correct,
-    gsm8k_gold,
-    label_correct,
-    load_tasks_file,
-    normalize_label,
-    predict_label,
-    task_rows,
-)
+from schema.problems import ConfigError as TasksFileError
+from trainer.evaluation.metrics import contains, exact_match, extract_numbers, gsm8k_correct, gsm8k_gold, label_correct, normalize_label, predict_label
+from trainer.checks import load_tasks_file
+from data_pipeline.rows import task_rows
 
 
 @pytest.mark.parametrize(
@@ -134,21 +125,22 @@ def test_task_rows_filter_split_and_sample(tmp_path):
     held = task_rows(load_tasks_file(tasks).tasks[1])
     assert 5 < len(held) < 35  # about half, chosen by content hash
     # The held-out rows are exactly the data pipeline's test split of the same source: never trained on.
-    from data_pipeline import SourceConfig
+    from schema.data import SourceConfig
     from data_pipeline.splits import split_rows
 
     pipeline = split_rows(SourceConfig(path=str(data), split_fractions=(0.5, 0.0, 0.5)))
     assert sorted(ex.prompt for ex in held) == sorted(rows[i]["prompt"] for i in pipeline["test"])
 
 
-def test_job_config_checks_its_tasks_file_before_anything_runs(tmp_path, make_job):
-    from pydantic import ValidationError
+def test_job_checks_its_tasks_file_before_anything_runs(tmp_path, make_job):
+    from trainer.checks import check_job
 
     data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}])
     good = tmp_path / "good.yaml"
     good.write_text(f"tasks:\n  - {{name: t, path: {data}, metric: contains}}\n")
-    assert make_job(eval={"tasks": str(good)}).eval.tasks == good
+    job = make_job(eval={"tasks": str(good)})
+    assert job.eval.tasks == good and check_job(job) == []
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"tasks:\n  - name: t\n    path: {data}\n    metric: contains\n    max_new_tokens: 0\n")
-    with pytest.raises(ValidationError, match=rf"{bad}:5: tasks.0.max_new_tokens = 0: Input should be greater than or equal to 1"):
-        make_job(eval={"tasks": str(bad)})
+    problems = [str(p) for p in check_job(make_job(eval={"tasks": str(bad)}))]
+    assert any(f"{bad}:5: tasks.0.max_new_tokens = 0: Input should be greater than or equal to 1" in p for p in problems), problems

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
+from schema.yamlfile import dump_yaml, read_yaml_text
 from typer.testing import CliRunner
 
 from cluster.capacity import NodeCapacity, job_shape, unsatisfiable
-from cluster.config import ResourcesConfig
+from schema.job import ResourcesConfig
 from launch.cli import app
-from launch.config import ConfigError
-from launch.fleet_config import load_fleet_config
+from schema.problems import ConfigError
+from launch.checks import load_checked_fleet
+from schema.loading import load_fleet_config
 
 
 def write_fleet(tmp_path: Path, text: str) -> Path:
@@ -77,11 +78,11 @@ output_dir: runs/demo
 def test_bad_fleet_lists_every_problem_with_job_field_and_line(tmp_path, toy_data):
     path = write_fleet(tmp_path, BAD_FLEET.format(train=toy_data["train"]))
     with pytest.raises(ConfigError) as caught:
-        load_fleet_config(path, nodes=[NodeCapacity("local", cpus=2, gpus=0)])
+        load_checked_fleet(path, nodes=[NodeCapacity("local", cpus=2, gpus=0)])
     lines = str(caught.value).splitlines()[1:]
     expected = [
         f"{path}:10: job 'news': jobs.1.lora.alpah = 3: Extra inputs are not permitted",
-        f"{path}:11: job 'news': jobs.1.data.train.path = 'missing.jsonl': no such file",
+        f"{path}:11: job 'news': jobs.1.data.train.path = 'missing.jsonl': no such file or directory",
         f"{path}:13: job 'math': jobs.2.name = 'math': already the name of jobs.0",
         f"{path}:15: job 'math': jobs.2.train.max_steps = -1: Input should be greater than or equal to 1",
         f"{path}:16: job #4: jobs.3.name = (missing): every job needs a name",
@@ -111,7 +112,7 @@ def test_envelope_errors_name_their_lines(tmp_path):
     text = str(caught.value)
     assert f"{path}:1: name = 'bad name': String should match pattern" in text
     assert f"{path}:2: jobs = []: List should have at least 1 item" in text
-    assert f"{path}:3: outputdir = 'x': Extra inputs are not permitted (fix: remove it or correct its spelling)" in text
+    assert f"{path}:3: outputdir = 'x': Extra inputs are not permitted (fix: did you mean 'output_dir'? otherwise remove it)" in text
     assert "output_dir = (missing): Field required (fix: add this field)" in text
 
 
@@ -122,13 +123,13 @@ def test_changed_config_of_an_existing_job_directory_is_refused(tmp_path, toy_da
     job.output_dir.mkdir(parents=True)
     saved = job.model_dump(mode="json")
     saved["lora"]["r"] = 4
-    (job.output_dir / "config.yaml").write_text(yaml.safe_dump(saved))
-    with pytest.raises(ConfigError, match=r"job 'a': output_dir runs/f/a holds a run of a different config \(lora.r: checkpoint has 4, config has 16\)"):
-        load_fleet_config(write_fleet(tmp_path, text))
+    (job.output_dir / "config.yaml").write_text(dump_yaml(saved))
+    with pytest.raises(ConfigError, match=r"job 'a': jobs.0.output_dir = 'runs/f/a': holds a run of a different config \(lora.r: the saved run has 4, this config has 16\)"):
+        load_checked_fleet(write_fleet(tmp_path, text))
     saved["lora"]["r"] = 16
     saved["checkpoint"]["every"] = 3  # result-neutral: a resume may change it
-    (job.output_dir / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert load_fleet_config(write_fleet(tmp_path, text)).jobs[0].lora.r == 16
+    (job.output_dir / "config.yaml").write_text(dump_yaml(saved))
+    assert load_checked_fleet(write_fleet(tmp_path, text)).config.jobs[0].lora.r == 16
 
 
 def test_cli_reports_a_bad_fleet_before_ray_starts(tmp_path, toy_data):
@@ -150,7 +151,7 @@ def test_shapes_and_capacity():
     nodes = [NodeCapacity("a", cpus=8, gpus=1), NodeCapacity("b", cpus=8, gpus=1)]
     # 2 GPUs exist in all, but never on one node: a 2-GPU job could never start.
     assert unsatisfiable([ResourcesConfig(gpus_per_job=1), two_gpus], nodes) == [
-        (1, "gpus_per_job", "needs 2 GPUs on one node, but the largest node has 1 (fix: ask for at most 1)")
+        (1, "gpus_per_job", "needs 2 GPUs on one node, but the largest node has 1", "ask for at most 1")
     ]
     assert unsatisfiable([two_gpus], [NodeCapacity("c", cpus=6, gpus=2)]) == []
     assert unsatisfiable([two_gpus], [NodeCapacity("c", cpus=5, gpus=2)])[0][1] == "cpus_per_job"

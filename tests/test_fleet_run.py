@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
+from schema.yamlfile import dump_yaml, read_yaml_text
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -51,7 +51,7 @@ def write_fleet(tmp_path: Path, model_dir: Path, data: dict[str, Path], jobs: li
     if compose is not None:
         fleet["compose"] = compose
     path = tmp_path / "fleet.yaml"
-    path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    path.write_text(dump_yaml(fleet))
     return path
 
 
@@ -233,23 +233,22 @@ def test_sigterm_stops_the_workers_and_a_rerun_resumes(local_ray, tmp_path, tiny
     assert again.summary["tokens"] == pytest.approx(job.result["tokens"] * share)
 
 
-def test_a_job_that_keeps_failing_is_marked_failed_and_the_fleet_carries_on(local_ray, tmp_path, tiny_model_dir, toy_data):
-    # Every completion is far longer than seq_len: the path exists (the fleet validates), the trainer refuses it.
-    overlong = tmp_path / "overlong.jsonl"
-    overlong.write_text("".join(json.dumps({"prompt": "Q:", "completion": " plus" * 300}) + "\n" for _ in range(8)))
+def test_a_job_that_fails_on_its_own_is_not_retried_and_the_fleet_carries_on(local_ray, tmp_path, tiny_model_dir, toy_data):
+    # lr 1e20 drives the loss to NaN at step 2: the trainer stops the job with a JobError, which
+    # would happen again on every retry, so the fleet marks it failed at once (before: retried max_failures times).
     path = write_fleet(
         tmp_path,
         tiny_model_dir,
         toy_data,
-        [{"name": "broken", "data": {"train": {"path": str(overlong)}, "eval": None}, "resources": {"max_failures": 1}}, {"name": "fine"}],
+        [{"name": "broken", "optim": {"lr": 1.0e20}, "train": {"max_steps": 12}, "resources": {"max_failures": 2}}, {"name": "fine"}],
     )
     result = CliRunner().invoke(app, ["run", str(path)], catch_exceptions=False)
     assert result.exit_code == 1, result.output
     record = read_fleet_record(tmp_path / "run")
     broken, fine = record.jobs["broken"], record.jobs["fine"]
-    assert broken.state == "failed" and broken.attempt == 2  # the first try and max_failures=1 retry
-    assert all(a.error.startswith("JobError: ") and "seq_len" in a.error for a in broken.attempts)
-    assert broken.error == broken.attempts[-1].error
+    assert broken.state == "failed" and broken.attempt == 1
+    assert broken.error.startswith("JobError: ") and "training stopped and nothing non-finite was saved" in broken.error, broken.error
+    assert not (tmp_path / "run" / "broken" / "adapter").exists() and not (tmp_path / "run" / "broken" / "final.json").exists()
     assert fine.state == "finished" and fine.result["steps"] == 4
     assert record.state == "failed" and record.summary["failed"] == 1 and record.summary["finished"] == 1
     assert "broken" in result.output and "errors" in result.output

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from trainer.adapters import attach_adapter
-from trainer.config import ForgettingConfig, LoraConfig, LwfConfig, QuantConfig
+from schema.job import ForgettingConfig, LoraConfig, LwfConfig, QuantConfig
 from trainer.losses import compute_loss, shifted_targets
 from trainer.models import load_base_model
 

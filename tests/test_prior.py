@@ -7,13 +7,15 @@ import json
 
 import pytest
 import torch
-import yaml
+from schema.yamlfile import dump_yaml, read_yaml_text
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from data_pipeline import DataConfig, build_train_stream
-from trainer.config import QuantConfig, RehearsalConfig
-from trainer.evaluation import generate, render_prompt
+from data_pipeline import build_train_stream
+from schema.data import DataConfig
+from schema.job import QuantConfig, RehearsalConfig
+from trainer.evaluation.generation import generate
+from data_pipeline.encoding import render_prompt
 from trainer.models import load_base_model, load_tokenizer
 from trainer.prior import ensure_prior_dataset, generate_prior_rows, with_prior_rehearsal
 
@@ -44,7 +46,7 @@ def test_prior_rows_are_the_base_models_greedy_answers(tiny_model_dir, tiny_base
     prompts = ["Write a number", "What is the sum\n\n12 and 7", "reverse the word\n\nabc", "answer the question\n\nwhat is 3 plus 4"]
     answers = generate(tiny_base, tokenizer, [render_prompt(tokenizer, "chat", p) for p in prompts], max_new_tokens=6)
     assert rows == [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a.strip()]
-    meta = json.loads((path.parent / "meta.json").read_text())
+    meta = json.loads((path.parent / "prior.json").read_text())
     assert meta["prompts"] == 4 and meta["rows"] == len(rows) and meta["quant"]["bits"] == 4
 
     # Cached: a second job with the same base and settings gets the same file without generating
@@ -93,17 +95,18 @@ def test_prior_source_mixes_in_at_the_ratio(tiny_model_dir, tiny_base, prompts_f
 
 
 def test_rehearsal_config_errors_before_any_model_loads(tmp_path, make_job):
-    from launch.config import ConfigError, load_job_config
+    from schema.problems import ConfigError
+    from trainer.checks import load_checked_job as load_job_config
 
     job = make_job()
     raw = job.model_dump(mode="json")
     raw["forgetting"] = {"rehearsal": {"prompts": str(tmp_path / "missing.jsonl"), "ratio": 0.2}}
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    job_file.write_text(dump_yaml(raw))
     with pytest.raises(ConfigError, match=r"forgetting.rehearsal.*missing.jsonl"):
         load_job_config(job_file)
     raw["forgetting"] = {"rehearsal": {"prompts": str(write_jsonl(tmp_path / "p.jsonl", GENERAL)), "ratio": 1.5}}
-    job_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    job_file.write_text(dump_yaml(raw))
     with pytest.raises(ConfigError, match=r"forgetting.rehearsal.ratio = 1.5"):
         load_job_config(job_file)
 
@@ -117,7 +120,7 @@ def test_prior_cli_writes_a_dataset(tiny_model_dir, prompts_file, tmp_path):
     )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / "prior.json").read_text())
     assert meta["rows"] == len(rows) > 0 and {"prompt", "completion"} == set(rows[0])
     bad = CliRunner().invoke(app, ["prior", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)])
     assert bad.exit_code == 2 and "none.txt" in bad.output

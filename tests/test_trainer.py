@@ -6,13 +6,14 @@ import json
 import math
 
 import pytest
-import yaml
+from schema.yamlfile import dump_yaml, read_yaml_text
 import torch
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer import JobError, run_job
-from trainer.config import QuantConfig
+from trainer.errors import JobError
+from trainer.loop import run_job
+from schema.job import QuantConfig
 from trainer.models import ModelSpecError, compute_dtype, load_base_model, resolve_model_dir
 
 
@@ -54,7 +55,7 @@ def test_learns_the_toy_task_and_writes_every_output(make_job):
 def test_base_weights_stay_frozen_byte_for_byte(make_job, tiny_model_dir):
     """Train with the loop's own parts (adapter, optimizer, engine, loss) and compare every base byte."""
     from trainer.adapters import attach_adapter, parameter_groups
-    from trainer.config import ForgettingConfig
+    from schema.job import ForgettingConfig
     from trainer.engines import LocalEngine
     from trainer.losses import compute_loss
     from trainer.optim import build_optimizer, build_scheduler
@@ -63,8 +64,9 @@ def test_base_weights_stay_frozen_byte_for_byte(make_job, tiny_model_dir):
     base = load_base_model(str(tiny_model_dir), config.quant, torch.float32)
     model = attach_adapter(base, config.lora, 10)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-    optimizer = build_optimizer(parameter_groups(model, config.optim, config.lora), config.optim)
-    engine = LocalEngine(model, optimizer, build_scheduler(optimizer, config.optim, 10), 1.0, after_update=lambda step: None)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(parameter_groups(trainable, config.optim, config.lora), config.optim)
+    engine = LocalEngine([p for _, p in trainable], optimizer, build_scheduler(optimizer, config.optim, 10), 1.0, after_update=lambda step: None)
     ids = torch.randint(0, 300, (4, 24))
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(24).expand(4, 24)}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
@@ -202,7 +204,7 @@ def test_lora_plus_gives_b_its_own_learning_rate(make_job, tiny_model_dir):
 
     config = make_job(lora={"plus_lr_ratio": 16.0})
     model = attach_adapter(load_base_model(str(tiny_model_dir), config.quant, torch.float32), config.lora, 10)
-    groups = parameter_groups(model, config.optim, config.lora)
+    groups = parameter_groups([(n, p) for n, p in model.named_parameters() if p.requires_grad], config.optim, config.lora)
     assert [g["lr"] for g in groups] == [config.optim.lr, config.optim.lr * 16]
     b_ids = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
     assert {id(p) for p in groups[1]["params"]} == b_ids
@@ -251,7 +253,7 @@ def test_job_evaluates_tasks_and_forgetting_and_rehearses_on_the_bases_own_answe
     prompts.write_text("".join(f"What is the number {i}?\n" for i in range(12)))
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text(
-        yaml.safe_dump(
+        dump_yaml(
             {
                 "tasks": [{"name": "toy", "path": str(toy_data["eval"]), "metric": "exact_match", "n": 8, "max_new_tokens": 4}],
                 "forgetting": {"prompts": str(prompts), "n": 6, "max_new_tokens": 6},
@@ -279,7 +281,7 @@ def test_job_evaluates_tasks_and_forgetting_and_rehearses_on_the_bases_own_answe
 
 
 def test_atomic_directory_replaces_only_when_complete_and_is_readable(tmp_path):
-    from trainer.checkpoint import atomic_directory, atomic_write_text
+    from schema.atomic import atomic_directory, write_text_atomic
 
     target = tmp_path / "adapter"
     atomic_directory(target, lambda d: (d / "a.txt").write_text("old"))
@@ -296,5 +298,5 @@ def test_atomic_directory_replaces_only_when_complete_and_is_readable(tmp_path):
     atomic_directory(target, lambda d: (d / "b.txt").write_text("new"))
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging or retired directory left
-    atomic_write_text(tmp_path / "r" / "x.json", "{}")
+    write_text_atomic(tmp_path / "r" / "x.json", "{}")
     assert (tmp_path / "r" / "x.json").stat().st_mode & 0o777 == 0o644

@@ -1,16 +1,36 @@
-"""lorafleet trainer: one QLoRA adapter job (`run_job`). Never imports ray.
+"""lorafleet trainer: adapter jobs on one shared frozen base (`run_pack`; `run_job` is a pack of one).
+Never imports ray.
 
-The names below load lazily, so that reading a config (trainer.config) does not import torch.
+The names below load lazily, so that importing a light module of the trainer (errors, checks) does not
+import torch. Importing the package also silences one library line that reads like a broken install.
 """
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 
-__all__ = ["JobError", "JobResult", "evaluate_loss", "run_job"]
+
+def _drop_missing_kernels_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes warns at import, on every CPU with AVX512-BF16, that the optional `kernels` package is
+    # missing. Its fused kernel is an inference layout without autograd, which lorafleet turns off anyway
+    # (trainer.models.load_base_model), so the line says nothing a user can act on.
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kernels_notice)
+
+_EXPORTS = {
+    "JobError": "trainer.errors",
+    "JobResult": "trainer.loop",
+    "run_job": "trainer.loop",
+    "run_pack": "trainer.loop",
+    "evaluate_loss": "trainer.loop",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        return getattr(import_module("trainer.loop"), name)
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

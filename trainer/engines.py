@@ -56,24 +56,38 @@ class World:
 
 
 class LocalEngine:
-    """Single process: clip, step the optimizer and schedule, then zero the gradients."""
+    """One process: clip this adapter's gradients, step its optimizer and schedule, zero its gradients.
+    In a pack every adapter has its own engine over its own parameters."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float | None, after_update: Callable[[int], None]):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+    def __init__(self, parameters: list[torch.nn.Parameter], optimizer, scheduler, max_grad_norm: float | None, after_update: Callable[[int], None]):
+        self.parameters, self.optimizer, self.scheduler = parameters, optimizer, scheduler
         self.max_grad_norm = max_grad_norm
         self.after_update = after_update  # AdaLoRA reallocates ranks here: it needs the gradients of this step
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def grad_norm(self) -> float:
+        """The global norm of this step's gradients, before clipping (inf or NaN when they are not finite)."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
     def step(self, step: int) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm if self.max_grad_norm else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.after_update(step)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return float(norm)
+
+    def skip(self) -> None:
+        """No update this step (its gradients were not finite); the schedule still advances with the step count."""
+        self.scheduler.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        for p in self.parameters:
+            p.grad = None
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -117,9 +131,19 @@ class DeepSpeedEngine:
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()  # a no-op except at the accumulation boundary
 
-    def step(self, step: int) -> float:
+    def grad_norm(self) -> float:
+        """DeepSpeed has clipped and stepped at the accumulation boundary already; it reports the norm."""
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def step(self, step: int) -> float:
+        return self.grad_norm()
+
+    def skip(self) -> None:
+        """DeepSpeed steps inside backward; a non-finite step there is skipped by its own overflow check."""
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

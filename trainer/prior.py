@@ -20,14 +20,17 @@ import torch
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from data_pipeline.config import DataConfig, SourceConfig
-from trainer.checkpoint import atomic_directory
-from trainer.config import QuantConfig, RehearsalConfig
-from trainer.evaluation import adapters_off, generate, read_prompts, render_prompt
-from trainer.models import cache_root, compute_dtype, load_base_model, load_tokenizer, resolve_model_dir
+from data_pipeline.encoding import render_prompt
+from data_pipeline.rows import read_prompts
+from schema.atomic import atomic_directory
+from schema.data import DataConfig, SourceConfig
+from schema.job import QuantConfig, RehearsalConfig
+from schema.outputs import cache_root
+from trainer.evaluation.generation import adapters_off, generate
+from trainer.models import compute_dtype, load_base_model, load_tokenizer, resolve_model_dir
 
 DATA_FILE = "data.jsonl"
-META_FILE = "meta.json"
+META_FILE = "prior.json"  # also the marker that a directory holds a prior dataset (schema.outputs)
 
 
 def generate_prior_rows(
@@ -111,7 +114,7 @@ def build_prior_dataset(
     model_spec: str,
     quant: QuantConfig,
 ) -> dict:
-    """Generate the rows and write them (with meta.json, which it returns) into `target` atomically."""
+    """Generate the rows and write them (with prior.json, which it returns) into `target` atomically."""
     prompts = read_prompts(settings.prompts, settings.format)[: settings.n]
     started = time.perf_counter()
     rows = generate_prior_rows(model, tokenizer, prompts, settings)

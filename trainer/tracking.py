@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from trainer.checkpoint import atomic_write_text
+from schema.atomic import json_text, write_text_atomic
+from schema.jobdir import JobDir
 
 log = logging.getLogger("lorafleet.trainer")
 
@@ -33,31 +34,39 @@ class Tracker:
     """Writes each logged step once, even across a resume: both the JSONL and TensorBoard are cut back to
     the resume step (TensorBoard through purge_step, which makes readers drop the orphaned later events)."""
 
-    def __init__(self, output_dir: Path, max_steps: int, resume_step: int, report: Callable[[dict], None] | None):
-        self.metrics_path = output_dir / "metrics.jsonl"
+    def __init__(self, job_dir: JobDir, job: str, max_steps: int, resume_step: int, report: Callable[[dict], None] | None, display: bool):
+        self.metrics_path = job_dir.metrics
+        self.job = job
         self.max_steps = max_steps
         self.report = report
         self._truncate_jsonl(resume_step)
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
-        self.progress = _progress_display(max_steps, resume_step)
+        self.writer = SummaryWriter(log_dir=str(job_dir.tb), purge_step=resume_step + 1 if resume_step else None)
+        self.progress = _progress_display(max_steps, resume_step) if display else None
         self.started = time.perf_counter()
         self.first_step = resume_step
 
     def _truncate_jsonl(self, resume_step: int) -> None:
+        """Keep the lines up to the resume step. A line a crash left half-written is dropped, not fatal."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= resume_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: dropped an unreadable line (%r...)", self.metrics_path, line[:60])
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            handle.write(json_text({"step": step, **metrics}, indent=None))
         if "train/loss" in metrics:
             self._show(step, metrics)
         if self.report is not None:
-            self.report({"step": step, "max_steps": self.max_steps, "eta_s": self.eta_s(step), **metrics})
+            self.report({"job": self.job, "step": step, "max_steps": self.max_steps, "eta_s": self.eta_s(step), **metrics})
 
     def eta_s(self, step: int) -> float:
         done = step - self.first_step

@@ -1,13 +1,13 @@
-"""The data section of the job config (owned by data_pipeline; assembled into JobConfig by launch)."""
+"""The data section of a job: sources, mixing, templates, packing. Pure: nothing here reads a file."""
 
 from __future__ import annotations
 
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+from schema.base import Float, Int, Section
 
 Format = Literal["prompt_completion", "alpaca", "chat", "question_answer", "text", "fields"]
 Split = Literal["train", "validation", "test"]
@@ -25,8 +25,7 @@ FORMAT_FIELDS: dict[str, dict[str, str]] = {
 OPTIONAL_FIELDS = {("alpaca", "input")}
 
 
-class SourceConfig(BaseModel):
-    model_config = STRICT
+class SourceConfig(Section):
     path: str = Field(
         description=(
             "A file (JSONL, JSON, Parquet, CSV), a glob, a directory of shards, a local HF dataset directory "
@@ -45,14 +44,14 @@ class SourceConfig(BaseModel):
             "question_answer: question, answer; text: text."
         ),
     )
-    weight: float = Field(1.0, gt=0, description="Share of the training mix (normalised over all train sources).")
+    weight: Float = Field(1.0, gt=0, description="Share of the training mix (normalised over all train sources).")
     role: Literal["task", "rehearsal"] = Field("task", description="task data, or general data mixed in to prevent forgetting.")
     template: str | None = Field(None, description="Prompt template of this source; None uses data.template.")
     hf_split: str = Field("train", description="Split to read from a HF dataset (directory or hf: name).")
     split: Split | None = Field(
         None, description="Keep only this part of a deterministic content-hash split (see split_fractions); None keeps all rows."
     )
-    split_fractions: tuple[float, float, float] = Field(
+    split_fractions: tuple[Float, Float, Float] = Field(
         (0.9, 0.05, 0.05), description="Shares of train, validation and test in the content-hash split; they must sum to 1."
     )
     split_key: str = Field(
@@ -65,7 +64,7 @@ class SourceConfig(BaseModel):
 
     @field_validator("split_fractions")
     @classmethod
-    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+    def _fractions_sum_to_one(cls, value: tuple[Float, Float, Float]) -> tuple[Float, Float, Float]:
         if any(share < 0 for share in value) or abs(sum(value) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions {list(value)} must be three non-negative shares summing to 1, e.g. [0.9, 0.05, 0.05]")
         return value
@@ -87,14 +86,12 @@ class SourceConfig(BaseModel):
         return self.fields.get(role, FORMAT_FIELDS[self.format][role])
 
 
-class MixConfig(BaseModel):
-    model_config = STRICT
+class MixConfig(Section):
     by: Literal["tokens", "examples"] = Field("tokens", description="What the mixing weights count.")
-    window: int = Field(8, ge=1, description="The ratio holds within every window of this many consecutive batches.")
+    window: Int = Field(8, ge=1, description="The ratio holds within every window of this many consecutive batches.")
 
 
-class DataConfig(BaseModel):
-    model_config = STRICT
+class DataConfig(Section):
     train: list[SourceConfig] = Field(description="Training sources; a single mapping is accepted for one source.")
     eval: SourceConfig | None = Field(None, description="Held-out source for eval/loss.")
     mix: MixConfig = Field(default_factory=MixConfig, description="How the train sources interleave.")
@@ -112,10 +109,10 @@ class DataConfig(BaseModel):
         description="packed: several examples per seq_len row, position ids restart per example; padded: one example per row, length-grouped batches.",
     )
     overlong: Literal["drop", "truncate"] = Field("truncate", description="An example longer than seq_len is dropped, or cut to seq_len tokens.")
-    max_bad_frac: float = Field(
+    max_bad_frac: Float = Field(
         0.05, ge=0, le=1, description="Fail when more than this share of a source's rows is dropped (empty, overlong) or truncated."
     )
-    num_proc: int = Field(
+    num_proc: Int = Field(
         1,
         ge=1,
         description=(

@@ -1,0 +1,52 @@
+"""A fleet: many jobs in one file, each deep-merged over shared defaults."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from schema.base import NAME_PATTERN, Section
+from schema.compose import ComposeConfig
+from schema.job import JobConfig, ResourcesConfig
+
+# Entries of a fleet's run directory that are not job directories; a job may not take these names.
+RUN_DIR_ENTRIES = ("fleet.json", "tb", "compose", "report")
+
+
+class FleetFile(Section):
+    """The fleet file as written: jobs are still raw mappings (they are validated after merging)."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Fleet name, shown in the live view, fleet.json and TensorBoard.")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="Any job-config keys; each job's own keys are deep-merged over these.")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Default resources of every job; a job's `resources` overrides them field by field."
+    )
+    jobs: list[dict[str, Any]] = Field(min_length=1, description="The jobs, queued in this order; each needs a unique `name`.")
+    output_dir: Path = Field(description="Run directory: one sub-directory per job (named after it), plus fleet.json and tb/fleet/.")
+    compose: list[ComposeConfig] = Field(
+        default_factory=list, description="Adapter compositions run after the jobs finish; each writes <output_dir>/compose/<name>."
+    )
+
+
+class FleetConfig(Section):
+    """A validated fleet: every job is a complete JobConfig whose output_dir is `output_dir/<job name>`."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Fleet name, shown in the live view, fleet.json and TensorBoard.")
+    jobs: list[JobConfig] = Field(min_length=1, description="Fully merged job configs, in queue order.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="The fleet-wide default resources (used to count slots).")
+    output_dir: Path = Field(description="Run directory holding the job directories, fleet.json and tb/fleet/.")
+    compose: list[ComposeConfig] = Field(default_factory=list, description="Compositions of the jobs' adapters, run after the jobs finish.")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` merged into a copy of `base`; mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

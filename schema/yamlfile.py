@@ -1,0 +1,163 @@
+"""The one YAML reader: YAML 1.2 (ruamel.yaml), duplicate keys refused, every key's line kept.
+
+Why not PyYAML: its `safe_load` is YAML 1.1, where `on:` is the boolean True, `yes` is True, `1e-3` is
+a string, `010` is octal 8 and `1:30` is 90. YAML 1.2 reads all of these as a user means them, and
+ruamel.yaml keeps the line of every key, so a problem points at the line to fix.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schema.problems import ConfigError, Problem
+
+
+@dataclass
+class Locations:
+    """The 1-based line of every key and list item of one YAML document, by field path."""
+
+    file: str
+    lines: dict[tuple, int] = field(default_factory=dict)
+
+    def line(self, location: tuple) -> int | None:
+        """The line of `location`, or of its deepest ancestor that the file writes."""
+        location = tuple(location)
+        while location:
+            if location in self.lines:
+                return self.lines[location]
+            location = location[:-1]
+        return self.lines.get((), None)
+
+    def has(self, location: tuple) -> bool:
+        return tuple(location) in self.lines
+
+
+def _yaml():
+    from ruamel.yaml import YAML
+
+    reader = YAML(typ="rt", pure=True)  # rt keeps line numbers; 1.2 is its default
+    reader.allow_duplicate_keys = False
+    return reader
+
+
+def read_yaml_text(text: str, source: str) -> tuple[Any, Locations]:
+    """Plain Python data (dict, list, str, int, float, bool, None) and its line numbers."""
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        document = _yaml().load(text)
+    except MarkedYAMLError as err:
+        raise ConfigError(_yaml_problem(err, source)) from None
+    except YAMLError as err:
+        raise ConfigError(Problem(f"not valid YAML: {err}", file=source, fix="correct the YAML syntax")) from None
+    locations = Locations(source)
+    data = _plain(document, (), locations, source)
+    return data, locations
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> tuple[Any, Locations]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(Problem(f"no such {what}", file=str(path), fix="check the path (relative paths start at the working directory)"))
+    if not path.is_file():
+        raise ConfigError(Problem(f"is a directory, not a {what}", file=str(path), fix=f"give the path of the YAML {what}"))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is allowed, as editors on Windows write it
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            Problem(
+                f"not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {column}",
+                file=str(path),
+                line=line,
+                fix="save the file as UTF-8",
+            )
+        ) from None
+    return read_yaml_text(text, str(path))
+
+
+def parse_yaml_value(text: str, source: str) -> Any:
+    """One scalar or flow value, as on the right of `key: ` in a file (for `--set key=value`)."""
+    data, _ = read_yaml_text(f"value: {text}\n" if text.strip() else "value:\n", source)
+    return data["value"] if isinstance(data, dict) else None
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML 1.2 text of plain data, in the mapping's order; reads back equal through read_yaml_text."""
+    from ruamel.yaml import YAML
+
+    writer = YAML(typ="safe", pure=True)
+    writer.default_flow_style = False
+    writer.sort_base_mapping_type_on_output = False
+    stream = io.StringIO()
+    writer.dump(data, stream)
+    return stream.getvalue()
+
+
+def _yaml_problem(err, source: str) -> Problem:
+    from ruamel.yaml.constructor import DuplicateKeyError
+
+    mark = err.problem_mark or err.context_mark
+    line = mark.line + 1 if mark is not None else None
+    if isinstance(err, DuplicateKeyError):
+        first = err.context_mark.line + 1 if err.context_mark is not None else None
+        key = str(err.problem).split('"')[1] if '"' in str(err.problem) else "a key"
+        return Problem(
+            f"the key '{key}' is written twice in one mapping (lines {first} and {line}); YAML keeps only one of them",
+            file=source,
+            line=line,
+            fix=f"remove one of the two '{key}' entries",
+        )
+    problem = (err.problem or "").strip()
+    context = (err.context or "").strip()
+    message = "not valid YAML: " + "; ".join(part for part in (context, problem) if part)
+    return Problem(message, file=source, line=line, fix="correct the YAML syntax on that line")
+
+
+def _plain(node: Any, path: tuple, locations: Locations, source: str) -> Any:
+    """ruamel's round-trip objects as plain Python, recording each key's line on the way."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
+
+    if isinstance(node, CommentedMap):
+        if not path:
+            locations.lines[()] = node.lc.line + 1
+        out = {}
+        for key in node:
+            if not isinstance(key, (str, int, float, bool)) or isinstance(key, (CommentedMap, CommentedSeq)):
+                raise ConfigError(Problem(f"a key must be a plain name, got {type(key).__name__}", file=source, line=node.lc.line + 1))
+            name = str(key) if not isinstance(key, str) else key
+            locations.lines[path + (name,)] = node.lc.key(key)[0] + 1
+            out[name] = _plain(node[key], path + (name,), locations, source)
+        return out
+    if isinstance(node, CommentedSeq):
+        out_list = []
+        for index, item in enumerate(node):
+            locations.lines[path + (index,)] = node.lc.item(index)[0] + 1
+            out_list.append(_plain(item, path + (index,), locations, source))
+        return out_list
+    if isinstance(node, TaggedScalar) or getattr(node, "tag", None) is not None and getattr(node.tag, "value", None):
+        raise ConfigError(
+            Problem(
+                f"YAML tags ({getattr(getattr(node, 'tag', None), 'value', '!tag')}) are not allowed in lorafleet files",
+                file=source,
+                line=locations.line(path),
+                fix="write the plain value without a tag",
+            )
+        )
+    if isinstance(node, bool) or node is None:
+        return node
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    if isinstance(node, (datetime.date, datetime.datetime)):
+        return node.isoformat()
+    return node

