@@ -49,9 +49,9 @@ def fit_weights(adapter_dirs: list[Path], learn: LearnConfig, base: str | None =
     from trainer.models import load_tokenizer
 
     adapters = [read_adapter(d) for d in adapter_dirs]
-    spec = common_base_model(adapters, base)
-    if spec is None:
+    if common_base_model(adapters, base) is None:  # also refuses adapters that name different bases
         raise AdapterError("the adapters name no base model (base_model_name_or_path); pass --base")
+    spec = base_spec_of(adapter_dirs[0], base)
     tokenizer = load_tokenizer(spec)
     batches = validation_batches(tokenizer, learn)
     model = load_base(spec, learn.base_precision, resolve_dtype(spec, learn.base_precision, None))

@@ -30,23 +30,22 @@ from compositor.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_ad
 from schema.atomic import atomic_directory
 from schema.job import QuantConfig
 from trainer.models import load_base_model, load_tokenizer, resolve_model_dir
+from trainer.specs import ModelSpecError, spec_for_adapter
 
 PRECISIONS = (16, 8, 4)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def base_spec_of(adapter_dir: str | Path, override: str | None = None) -> str:
-    """The base model spec an adapter names in adapter_config.json (the trainer writes the job's
-    `model` there), unless `override` gives one."""
+    """The base model spec of an adapter (trainer.specs.spec_for_adapter), unless `override` gives one."""
     if override:
         return override
-    config_path = Path(adapter_dir) / CONFIG_FILE
-    if not config_path.is_file():
+    if not (Path(adapter_dir) / CONFIG_FILE).is_file():
         raise AdapterError(f"{adapter_dir}: not a PEFT adapter directory, {CONFIG_FILE} is missing")
-    spec = json.loads(config_path.read_text()).get("base_model_name_or_path")
-    if not spec:
-        raise AdapterError(f"{config_path}: base_model_name_or_path is empty; pass --base to name the base model")
-    return spec
+    try:
+        return spec_for_adapter(adapter_dir)
+    except ModelSpecError as err:
+        raise AdapterError(str(err)) from None
 
 
 def native_dtype(spec: str) -> torch.dtype:

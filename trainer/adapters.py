@@ -15,7 +15,9 @@ from peft import AdaLoraConfig, LoraConfig as PeftLoraConfig, PeftModel, VeraCon
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from schema.job import TARGET_PRESETS, LoraConfig, OptimConfig
+from schema.atomic import json_text
+from schema.job import TARGET_PRESETS, LoraConfig, OptimConfig, QuantConfig
+from trainer.specs import adapter_base_name
 from trainer.packing import AdapterRouter, DropoutClock, adapter_parameters, install_router, seed_dropout
 
 def target_modules(lora: LoraConfig) -> list[str] | str:
@@ -125,16 +127,43 @@ def parameter_groups(parameters: list[tuple[str, torch.nn.Parameter]], optim: Op
     ]
 
 
-def save_adapter(model: PeftModel, name: str, directory: Path, base_name: str) -> None:
+ADAPTER_METADATA = "lorafleet.json"
+
+
+def save_adapter(model: PeftModel, name: str, directory: Path, metadata: dict) -> None:
     """One adapter of `model` as a plain PEFT directory (adapter_config.json + adapter_model.safetensors)
-    that PeftModel.from_pretrained loads. peft's own save_pretrained puts every adapter but `default`
-    in a sub-directory, hence this writer."""
+    that PeftModel.from_pretrained loads, plus lorafleet.json: the base it was trained on (upstream id,
+    source file and sha256), its precision and the lorafleet version. peft's own save_pretrained puts every
+    adapter but `default` in a sub-directory, hence this writer."""
     config = copy.copy(model.peft_config[name])
-    config.base_model_name_or_path = base_name
+    config.base_model_name_or_path = adapter_base_name(metadata["base"])
     config.inference_mode = True
     config.save_pretrained(str(directory))
     state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     save_file({key: value.detach().contiguous() for key, value in state.items()}, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / ADAPTER_METADATA).write_text(json_text(metadata))
+
+
+def adapter_metadata(base: dict, quant: QuantConfig, job: str) -> dict:
+    """What lorafleet.json records (and lorafleet reads back to load an adapter without being told its base)."""
+    return {"format": 1, "lorafleet_version": lorafleet_version(), "job": job, "base": base, "quant": quant.model_dump(mode="json"), "precision": precision_name(quant)}
+
+
+def precision_name(quant: QuantConfig) -> str:
+    if quant.bits == 16:
+        return "16-bit (no quantization)"
+    if quant.bits == 8:
+        return "int8 (bitsandbytes LLM.int8)"
+    return f"4-bit {quant.type.upper()}" + (" with double quantization" if quant.double_quant else "") + " (bitsandbytes)"
+
+
+def lorafleet_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorafleet")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def attach_adapter(base: PreTrainedModel, lora: LoraConfig, max_steps: int, grad_checkpointing: bool = True, seed: int = 0) -> PeftModel:

@@ -23,7 +23,7 @@ from schema.atomic import atomic_directory, write_json_atomic, write_text_atomic
 from schema.job import JobConfig
 from schema.jobdir import JobDir
 from schema.loading import load_tasks
-from trainer.adapters import SharedBase, parameter_groups, save_adapter
+from trainer.adapters import SharedBase, adapter_metadata, parameter_groups, save_adapter
 from trainer.checkpoint import CheckpointError, find_resume, load_checkpoint, prune, save_checkpoint
 from trainer.engines import DeepSpeedEngine, LocalEngine, World
 from trainer.errors import JobError
@@ -68,7 +68,7 @@ class Shared:
     world: World
     device: torch.device
     dtype: torch.dtype
-    base_name: str  # what adapter_config.json records as the base model
+    base_identity: dict  # trainer.specs.base_identity: what every adapter records about its base
     base_references: dict[Path, BaseReference] = field(default_factory=dict)  # per tasks file: the base's answers, computed once
 
 
@@ -337,7 +337,7 @@ class AdapterJob:
         world.barrier()
 
     def save_adapter(self, directory: Path) -> None:
-        save_adapter(self.shared.base.model, self.adapter, directory, self.shared.base_name)
+        save_adapter(self.shared.base.model, self.adapter, directory, adapter_metadata(self.shared.base_identity, self.config.quant, self.name))
 
     def _check_finite(self, what: str) -> None:
         bad = [name for name, p in self.parameters if not torch.isfinite(p).all()]

@@ -25,7 +25,7 @@ from trainer.evaluation.generation import adapters_off
 from trainer.job import AdapterJob, JobResult, Shared, evaluate_loss, finished_result
 from trainer.losses import MODEL_INPUTS, loss_terms
 from trainer.models import compute_dtype, default_device, load_base_model, load_tokenizer
-from trainer.specs import ModelSpecError, adapter_base_name
+from trainer.specs import ModelSpecError, base_identity
 from trainer.tracking import configure_console
 
 __all__ = ["JobResult", "evaluate_loss", "run_job", "run_pack"]
@@ -170,7 +170,7 @@ def _load_shared(config: JobConfig) -> Shared:
         base = load_base_model(config.model, config.quant, dtype, device)
     except ModelSpecError as err:
         raise JobError(str(err)) from None
-    return Shared(SharedBase(base, config.train.grad_checkpointing), tokenizer, world, device, dtype, adapter_base_name(config.model))
+    return Shared(SharedBase(base, config.train.grad_checkpointing), tokenizer, world, device, dtype, base_identity(config.model))
 
 
 def _concatenate(batches: list[dict[str, torch.Tensor]], tokenizer) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
