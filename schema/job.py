@@ -17,9 +17,23 @@ from schema.data import DataConfig, check_template
 
 
 class QuantConfig(Section):
-    bits: Literal[4, 8, 16] = Field(4, description="Base-model weight precision: 4 (QLoRA), 8 (int8) or 16 (plain LoRA on the unquantized base).")
-    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes); ignored unless bits is 4.")
-    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight).")
+    bits: Literal[2, 3, 4, 8, 16] = Field(
+        4, description="Base-model weight precision: 2, 3 (method hqq), 4 (QLoRA), 8 (int8) or 16 (plain LoRA on the unquantized base)."
+    )
+    method: Literal["bnb", "hqq"] = Field(
+        "bnb", description="Quantization library: bnb (bitsandbytes NF4/FP4 at 4 bits, LLM.int8 at 8) or hqq (HQQ, 2, 3, 4 or 8 bits). Ignored at 16."
+    )
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of bitsandbytes; used only with method bnb and bits 4.")
+    double_quant: bool = Field(True, description="bitsandbytes 4-bit: quantize the quantization constants too (saves ~0.4 bit per weight).")
+    group_size: Int = Field(64, ge=8, description="hqq: weights per quantization group (a power of two that divides every layer's input size).")
+
+    @model_validator(mode="after")
+    def _method_supports_bits(self) -> QuantConfig:
+        if self.method == "bnb" and self.bits in (2, 3):
+            raise ValueError(f"bits {self.bits} needs method: hqq (bitsandbytes quantizes to 4 or 8 bits only)")
+        if self.method == "hqq" and self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size {self.group_size} is not a power of two; HQQ groups weights in powers of two (e.g. 64)")
+        return self
 
 
 class AdaLoraConfig(Section):
@@ -182,7 +196,7 @@ RESULT_NEUTRAL_FIELDS = ("name", "output_dir", "resources", "checkpoint", "eval"
 def pack_key(job: JobConfig) -> tuple:
     """What jobs must share to train in one pack: one frozen base and one forward pass for all.
 
-    - the base: `model`, `quant` (bits, type, double quantization);
+    - the base: `model`, `quant` (bits, method, type, double quantization, group size);
     - the forward pass: `train.seq_len`, `train.dtype`, `train.grad_checkpointing` and `data.packing`
       (packed rows reach the model without an attention mask, padded rows with one).
 
@@ -191,6 +205,6 @@ def pack_key(job: JobConfig) -> tuple:
     checkpoint cadence. Jobs that run alone get a key naming only themselves: DoRA, AdaLoRA and VeRA
     (peft's own forward applies one adapter to a whole batch) and 2-worker jobs (DeepSpeed ZeRO-2).
     """
-    shared = (job.model, job.quant.bits, job.quant.type, job.quant.double_quant, job.train.seq_len, job.train.dtype, job.train.grad_checkpointing, job.data.packing)
+    shared = (job.model, *job.quant.model_dump().values(), job.train.seq_len, job.train.dtype, job.train.grad_checkpointing, job.data.packing)
     alone = job.lora.method != "lora" or job.lora.dora or job.resources.gpus_per_job > 1
     return ("alone", job.name, *shared) if alone else shared
