@@ -42,13 +42,39 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
                     f"(fix: start it with `ray start --head`, correct --address/RAY_ADDRESS, or unset both to run locally)"
                 ) from None
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+            with _loopback_only():
+                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
         started = True
     try:
         yield ray_nodes()
     finally:
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """An embedded cluster is for this machine only: every Ray server (GCS, raylet, workers, runtime-env
+    agent) binds to 127.0.0.1. Ray does this when its node address is the loopback one, which it picks
+    when clusters are switched off (its setting for single-machine use); the variable also reaches the
+    processes Ray starts. A cluster on several nodes is `--address`: see docs/fleet.md for what it exposes."""
+    import ray._private.ray_constants as ray_constants
+
+    previous_env = os.environ.get(_SINGLE_MACHINE_ENV)
+    previous_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+        if previous_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = previous_env
+
+
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -6,7 +6,7 @@
   mkdtemp create 0600/0700), the directory itself fsynced, then renamed into place. An existing
   directory at the target is moved aside first and removed only after the new one is in place, so a
   crash leaves the old or the new, never neither. Callers decide whether a target may be replaced
-  (see `schema.ownership`); this module only makes the replacement safe.
+  (see `schema.outputs`); this module only makes the replacement safe.
 - JSON is strict: NaN and infinities are written as null, so every other tool can read the file.
 """
 

@@ -36,7 +36,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from schema.atomic import atomic_directory
+from schema.atomic import atomic_directory, json_text
 from schema.jobdir import JobDir
 
 log = logging.getLogger("lorafleet.trainer")
@@ -181,7 +181,7 @@ def save_checkpoint(
         (tmp / "rng.json").write_text(json.dumps(numbers))
         if extra_files is not None:
             extra_files(tmp)
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=False))
+        (tmp / TRAINER_STATE).write_text(json_text({**trainer_state, "step": step}))  # strict: an unknown loss is null
         _write_manifest(tmp)
 
     target = step_dir(job_dir, step)
