@@ -1,32 +1,48 @@
-"""The fleet scheduler: a FIFO queue of jobs, one placement group each, retries from checkpoints.
+"""The fleet scheduler: a queue of jobs placed on worker sets, packed, backfilled, retried.
 
-Order and capacity: only the job at the head of the queue asks Ray for a placement group, so jobs
-start strictly in fleet order and a job starts the moment Ray can place it (a slot frees). A head
-job that needs 2 GPUs waits for 2 on one node even while single slots are free elsewhere: that keeps
-the order predictable and a large job from starving.
+Placement. A worker set holds one placement group: one bundle (one slot: a GPU, or `cpus_per_job` CPUs
+on a CPU-only cluster) for a pack worker, two bundles on one node for a 2-GPU job. Queued jobs that share
+a compatibility group (`schema.job.pack_key` plus their resources) start together as one pack of up to
+`packing.max_adapters` on one worker; when a job of a running pack ends, the next queued job of its group
+joins that worker (no new process, no base reload). Jobs that run alone (2-GPU, DoRA, AdaLoRA, VeRA,
+`packing: false`) get a worker set each.
 
-Failure: any error from a worker (an exception in run_job, a killed process, a lost node) ends the
-attempt: the job's other workers are killed, its placement group freed, and the job goes back to
-the head of the queue while it has retries left. The next attempt resumes from the job's newest
-complete checkpoint because run_job is idempotent.
+Order. Jobs start in fleet order, with one exception stated in one sentence: while the job at the head
+of the queue cannot be placed, at most `backfill` later jobs may start before it (on free slots, or by
+joining a running pack); after that nothing else starts until the head has its slots. So a 2-GPU job at
+the head waiting for two GPUs on one node lets single-slot jobs use the free slots, but only so many,
+and the head is never starved: once the budget is spent, packs that empty are closed and their slots
+wait for it. One placement group is asked of Ray at a time, on a node the scheduler knows has room, so
+Ray never places a later job ahead of an earlier one.
+
+Failure. A worker that dies (a killed process, a lost node, an error outside a job) takes its pack with
+it: each of its jobs counts one attempt and goes back to the front of the queue while it has retries,
+and resumes from its own newest checkpoint. A job that fails inside a live pack (NaN, bad data: the
+trainer's JobError) fails alone and is never retried: it would fail the same way again.
+
+Scale. Per tick the driver drains progress reports, handles the Ray answers that are ready, and scans
+the queue from its head; finished jobs cost nothing after their end. fleet.json is written at most once
+a second, the live view redraws at most four times a second, and the TensorBoard scalars once a second.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group_table
 
-from cluster.capacity import JobShape
+from cluster.capacity import JobShape, NodeCapacity
 from cluster.records import (
     FAILED,
     FINISHED,
@@ -45,6 +61,8 @@ from cluster.records import (
 from cluster.tensorboard import FleetScalars
 from cluster.view import FleetView
 from cluster.worker import ProgressSink, distributed_env, release, reserve, start_workers, stop_workers
+from schema.job import JobConfig, pack_key
+from schema.jobdir import JobDir
 
 
 class FleetInterrupted(KeyboardInterrupt):
@@ -53,9 +71,9 @@ class FleetInterrupted(KeyboardInterrupt):
 
 @dataclass
 class FleetJob:
-    """One job as the scheduler sees it: its config (a launch.config.JobConfig) and its shape."""
+    """One job as the scheduler sees it: its config, its shape, and who it may share a worker with."""
 
-    config: Any
+    config: JobConfig
     shape: JobShape
     max_failures: int
 
@@ -63,16 +81,28 @@ class FleetJob:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def group(self) -> tuple:
+        """Jobs of one group may train in one pack: same base and forward pass, same slot shape."""
+        return (*pack_key(self.config), self.shape)
+
 
 @dataclass
-class _LiveAttempt:
-    """The live Ray handles of one attempt of a job."""
+class WorkerSet:
+    """The live Ray handles of one worker set, and the jobs it trains."""
 
-    group: Any
-    workers: list[Any] = field(default_factory=list)
+    id: str
+    shape: JobShape
+    group: tuple
+    capacity: int  # adapters it may hold at once
+    placement: PlacementGroup
+    state: str = PLACING  # placing, starting, running, closing
+    actors: list[Any] = field(default_factory=list)
     infos: dict[int, dict[str, Any]] = field(default_factory=dict)
-    pending_runs: int = 0
-    result: dict[str, Any] | None = None
+    jobs: set[str] = field(default_factory=set)  # assigned and not ended
+    first_jobs: list[str] = field(default_factory=list)  # what it starts with, once its actors answer
+    node_id: str | None = None
+    runs_pending: int = 0
 
 
 class FleetRunner:
@@ -83,51 +113,72 @@ class FleetRunner:
         name: str,
         jobs: list[FleetJob],
         run_dir: str | Path,
-        slots: int,
+        nodes: list[NodeCapacity],
         view: FleetView,
+        *,
+        slots: int,
+        max_adapters: int = 4,
+        backfill: int | None = None,
         max_concurrent: int | None = None,
-        refresh_s: float = 0.5,
+        refresh_s: float = 0.25,
         record_every_s: float = 1.0,
+        body: Callable | None = None,
     ) -> None:
         self.jobs = {job.name: job for job in jobs}
         self.run_dir = Path(run_dir)
         self.view = view
-        self.max_concurrent = max_concurrent
+        self.max_adapters = max_adapters
+        self.backfill = slots if backfill is None else backfill
+        self.max_concurrent = max_concurrent  # slots in use at once
         self.refresh_s = refresh_s
         self.record_every_s = record_every_s
+        self.body = body  # the work of a worker; None: the trainer (cluster.worker.train_pack)
+        self.capacity = {node.node_id: {"CPU": node.cpus, "GPU": node.gpus} for node in nodes}
+        self.used = {node.node_id: {"CPU": 0.0, "GPU": 0.0} for node in nodes}
+        self.earlier_summary: dict[str, Any] | None = None
         self.record = self._initial_record(name, jobs, slots)
         self.queue: deque[str] = deque(job.name for job in jobs if self.record.jobs[job.name].state == QUEUED)
-        self.live: dict[str, _LiveAttempt] = {}
+        self.workers: dict[str, WorkerSet] = {}
+        self.placing: WorkerSet | None = None  # the one placement group asked of Ray and not yet ready
+        self.passes = 0  # later jobs started while the head waits (the backfill rule)
         self.failures: dict[str, int] = {job.name: 0 for job in jobs}
-        self.waiting: dict[Any, tuple[str, int, str, int]] = {}  # ObjectRef -> (job, attempt, kind, rank)
+        self.waiting: dict[Any, tuple[str, str, int]] = {}  # ObjectRef -> (worker id, kind, rank)
+        self.changed: set[str] = set()  # jobs whose state changed since the view last saw them
+        self._dirty = True
         self._last_record_write = 0.0
+        self._worker_ids = itertools.count(self._first_worker_number())
         self.sink: Any = None  # the ProgressSink actor, for the length of run()
         self.workdir = str(Path.cwd())  # where the config's relative paths start
 
     def _initial_record(self, name: str, jobs: list[FleetJob], slots: int) -> FleetRecord:
-        """A fresh record; jobs whose final.json exists are skipped; attempt history of a previous run is kept."""
+        """A fresh record; jobs whose final.json exists are skipped; a previous run's attempts, workers and
+        summary are kept (the summary shown when this run trains nothing)."""
         previous: dict[str, JobRecord] = {}
         first_started_at = time.time()
+        workers: dict[str, dict[str, Any]] = {}
         try:
             earlier = read_fleet_record(self.run_dir)
-            previous, first_started_at = earlier.jobs, earlier.first_started_at
+            previous, first_started_at, workers, self.earlier_summary = earlier.jobs, earlier.first_started_at, earlier.workers, earlier.summary
         except FileNotFoundError:
             pass
-        record = FleetRecord(name=name, run_dir=str(self.run_dir), slots=slots, address=ray.get_runtime_context().gcs_address, first_started_at=first_started_at)
+        record = FleetRecord(
+            name=name, run_dir=str(self.run_dir), slots=slots, address=ray.get_runtime_context().gcs_address, first_started_at=first_started_at, workers=workers
+        )
         for job in jobs:
-            out = Path(job.config.output_dir).resolve()  # absolute: `lorafleet status|tb` may run from elsewhere
-            entry = JobRecord(name=job.name, output_dir=str(out), workers=job.shape.workers, max_steps=job.config.train.max_steps)
+            job_dir = JobDir(Path(job.config.output_dir).resolve())  # absolute: `lorafleet status|tb` may run from elsewhere
+            entry = JobRecord(name=job.name, output_dir=str(job_dir.root), workers=job.shape.workers, max_steps=job.config.train.max_steps)
             if job.name in previous:
                 entry.attempts = previous[job.name].attempts
-            final = out / "final.json"
-            if final.is_file():
-                entry.state = SKIPPED
-                entry.result = json.loads(final.read_text())
-                entry.adapter_dir = str(out / "adapter")
-                entry.step = entry.result.get("steps", 0)
-                entry.loss = entry.result.get("train_loss")
+            final = job_dir.read_final()
+            if final is not None:
+                entry.state, entry.result, entry.adapter_dir = SKIPPED, final, str(job_dir.adapter)
+                entry.step, entry.loss = final.get("steps", 0), final.get("train_loss")
             record.jobs[job.name] = entry
         return record
+
+    def _first_worker_number(self) -> int:
+        numbers = [int(key[1:]) for key in self.record.workers if key[1:].isdigit()]
+        return max(numbers, default=0) + 1
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> FleetRecord:
@@ -139,14 +190,17 @@ class FleetRunner:
         self.sink = ProgressSink.remote()
         try:
             self._write_record(force=True)
-            self.view.update(self.record)
-            while self.queue or self.live:
-                self._place_head()
+            self.view.update(self.record, set(self.record.jobs))
+            self._schedule()
+            while self.queue or self.workers:
                 ready = self._ready_refs()
-                # Reports first: a short job's last reports and its result can arrive in the same tick.
+                # Reports first: a job's last reports and its worker's end can arrive in the same tick.
                 self._apply_reports(ray.get(self.sink.drain.remote()))
                 self._handle(ready)
-                self.view.update(self.record)
+                self._schedule()  # before closing idle workers: a queued job of their group may join them
+                self._close_idle()
+                self.view.update(self.record, self.changed)
+                self.changed = set()
                 scalars.log(self.record)
                 self._write_record()
             self.record.state = FAILED if self.record.count(FAILED) else FINISHED
@@ -157,7 +211,7 @@ class FleetRunner:
         finally:
             restore()
             self.record.ended_at = time.time()
-            self.record.summary = summarize(self.record)
+            self.record.summary = summarize(self.record, self.earlier_summary)
             self._write_record(force=True)
             scalars.log(self.record, force=True)
             scalars.close()
@@ -165,22 +219,89 @@ class FleetRunner:
             self.view.close(self.record)
         return self.record
 
-    def _place_head(self) -> None:
-        """Ask for the head job's placement group, unless one is already being placed or the cap is reached."""
-        if not self.queue or any(self.record.jobs[name].state == PLACING for name in self.live):
-            return
-        if self.max_concurrent is not None and len(self.live) >= self.max_concurrent:
-            return
-        name = self.queue.popleft()
-        job, entry = self.jobs[name], self.record.jobs[name]
-        number = entry.attempt + 1
-        entry.attempts.append(Attempt(number=number, submitted_at=time.time()))
-        entry.state, entry.ended_at = PLACING, None
-        group = reserve(job.shape, name=f"lorafleet-{self.record.name}-{name}-{number}")
-        self.live[name] = _LiveAttempt(group=group)
-        self.waiting[group.ready()] = (name, number, "placed", 0)
-        self._write_record(force=True)
+    # ------------------------------------------------------------------ scheduling
+    def _schedule(self) -> None:
+        """Start what the order rule allows: the head first; while it cannot start, up to `backfill`
+        later jobs."""
+        while self.queue:
+            head = self.queue[0]
+            if self._start(head):
+                self.passes = 0
+                continue
+            if self.passes >= self.backfill:
+                return  # the head's reservation: nothing passes it any more
+            passed = next((name for name in itertools.islice(self.queue, 1, None) if self._start(name)), None)
+            if passed is None:
+                return
+            self.passes += 1
 
+    def _start(self, name: str) -> bool:
+        """Start `name` now if it can: by joining a running pack of its group with room, or on a new worker
+        set (with the next queued jobs of its group) when a node has room for it."""
+        job = self.jobs[name]
+        joinable = next(
+            (w for w in self.workers.values() if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1),
+            None,
+        )
+        if joinable is not None:
+            self.queue.remove(name)
+            self._assign(joinable, [name])
+            return True
+        if self.placing is not None or not self._fits(job.shape) or self._at_slot_cap(job.shape):
+            return False
+        capacity = self.max_adapters if job.shape.workers == 1 else 1
+        companions = [other for other in self.queue if other != name and self.jobs[other].group == job.group][: capacity - 1]
+        for member in [name, *companions]:
+            self.queue.remove(member)
+        worker = WorkerSet(id=f"w{next(self._worker_ids)}", shape=job.shape, group=job.group, capacity=capacity, placement=None)
+        worker.placement = reserve(job.shape, name=f"lorafleet-{self.record.name}-{worker.id}")
+        self.workers[worker.id] = self.placing = worker
+        self.record.workers[worker.id] = {"slots": job.shape.workers, "jobs": [], "requested_at": time.time(), "state": PLACING}
+        self._assign(worker, [name, *companions])
+        self.waiting[worker.placement.ready()] = (worker.id, "placed", 0)
+        return True
+
+    def _assign(self, worker: WorkerSet, names: list[str]) -> None:
+        """New attempts of `names` on `worker`: sent now to a running worker, or kept for its start."""
+        now = time.time()
+        for name in names:
+            entry = self.record.jobs[name]
+            entry.attempts.append(Attempt(number=entry.attempt + 1, submitted_at=now, worker=worker.id))
+            if worker.state != PLACING:
+                entry.attempts[-1].placed_at = now
+            entry.state, entry.ended_at, entry.worker = (STARTING if worker.state != PLACING else PLACING), None, worker.id
+            worker.jobs.add(name)
+            self.record.workers[worker.id]["jobs"].append(name)
+            self.changed.add(name)
+        if worker.state == RUNNING:
+            worker.actors[0].assign.remote([(self.jobs[n].config, self.record.jobs[n].attempt) for n in names])
+        else:
+            worker.first_jobs += names
+        self._dirty = True
+
+    def _fits(self, shape: JobShape) -> bool:
+        """Some node has room for all of `shape`'s bundles (the scheduler's own count of what it holds)."""
+        need_cpus, need_gpus = shape.workers * shape.cpus_per_worker, shape.workers * shape.gpus_per_worker
+        return any(
+            self.capacity[node]["CPU"] - self.used[node]["CPU"] >= need_cpus and self.capacity[node]["GPU"] - self.used[node]["GPU"] >= need_gpus
+            for node in self.capacity
+        )
+
+    def _at_slot_cap(self, shape: JobShape) -> bool:
+        if self.max_concurrent is None:
+            return False
+        return sum(w.shape.workers for w in self.workers.values()) + shape.workers > self.max_concurrent
+
+    def _close_idle(self) -> None:
+        """A worker whose pack is empty gives its slot back unless a queued job of its group may join it."""
+        for worker in list(self.workers.values()):
+            if worker.state != RUNNING or worker.jobs:
+                continue
+            worker.state = "closing"
+            self.record.workers[worker.id]["state"] = "closing"
+            worker.actors[0].close.remote()
+
+    # ------------------------------------------------------------------ Ray answers
     def _ready_refs(self) -> list[Any]:
         if not self.waiting:
             time.sleep(self.refresh_s)
@@ -193,110 +314,169 @@ class FleetRunner:
 
     def _handle(self, ready: list[Any]) -> None:
         for ref in ready:
-            name, number, kind, rank = self.waiting.pop(ref)
-            entry = self.record.jobs[name]
-            if name not in self.live or entry.attempt != number:
-                continue  # an answer from an attempt that already ended
+            worker_id, kind, rank = self.waiting.pop(ref)
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                continue  # an answer from a worker set that already ended
             try:
                 value = ray.get(ref)
             except RayError as err:
-                self._attempt_failed(name, _describe(err, self.live[name].infos.get(rank)), retry=not _bad_input(err))
+                self._worker_failed(worker, _describe(err, worker.infos.get(rank)), retry=not _bad_input(err))
                 continue
             if kind == "placed":
-                self._start(name)
+                self._placed(worker)
             elif kind == "info":
-                self._started(name, value)
+                self._answered(worker, value)
             else:
-                self._worker_done(name, rank, value)
+                self._run_done(worker, value)
 
-    def _start(self, name: str) -> None:
-        job, live, entry = self.jobs[name], self.live[name], self.record.jobs[name]
-        entry.attempts[-1].placed_at = time.time()
-        entry.state = STARTING
-        live.workers = start_workers(job.shape, live.group, name)
-        for rank, worker in enumerate(live.workers):
-            self.waiting[worker.info.remote()] = (name, entry.attempt, "info", rank)
+    def _placed(self, worker: WorkerSet) -> None:
+        self.placing = None
+        table = placement_group_table(worker.placement)
+        worker.node_id = next(iter(table["bundles_to_node_id"].values()))
+        for _ in range(worker.shape.workers):
+            self.used[worker.node_id]["CPU"] += worker.shape.cpus_per_worker
+            self.used[worker.node_id]["GPU"] += worker.shape.gpus_per_worker
+        worker.state = STARTING
+        now = time.time()
+        self.record.workers[worker.id].update(state=STARTING, placed_at=now, node_id=worker.node_id)
+        for name in worker.jobs:
+            entry = self.record.jobs[name]
+            entry.attempts[-1].placed_at, entry.state = now, STARTING
+            self.changed.add(name)
+        worker.actors = start_workers(worker.shape, worker.placement, self.body)
+        for rank, actor in enumerate(worker.actors):
+            self.waiting[actor.info.remote()] = (worker.id, "info", rank)
+        self._dirty = True
 
-    def _started(self, name: str, info: dict[str, Any]) -> None:
-        live, entry, job = self.live[name], self.record.jobs[name], self.jobs[name]
-        live.infos[info["rank"]] = info
-        if len(live.infos) < job.shape.workers:
+    def _answered(self, worker: WorkerSet, info: dict[str, Any]) -> None:
+        worker.infos[info["rank"]] = info
+        if len(worker.infos) < worker.shape.workers:
             return
-        attempt = entry.attempts[-1]
-        attempt.running_at = time.time()
-        if entry.started_at is None:  # the job's time counts from its first worker start, not its queueing
-            entry.started_at = attempt.running_at
-        attempt.workers = [live.infos[rank] for rank in range(job.shape.workers)]
-        entry.state, entry.node = RUNNING, live.infos[0]["node_ip"]
-        live.pending_runs = job.shape.workers
-        for rank, worker in enumerate(live.workers):
-            env = distributed_env(rank, attempt.workers)
-            call = worker.run.remote(job.config, env, self.sink, entry.attempt, self.workdir)
-            self.waiting[call] = (name, entry.attempt, "run", rank)
-        self._write_record(force=True)
+        infos = [worker.infos[rank] for rank in range(worker.shape.workers)]
+        worker.state = RUNNING
+        now = time.time()
+        self.record.workers[worker.id].update(
+            state=RUNNING, started_at=now, pids=[i["pid"] for i in infos], node=infos[0]["node_ip"]
+        )
+        for name in worker.jobs:
+            entry = self.record.jobs[name]
+            entry.attempts[-1].workers, entry.node = infos, infos[0]["node_ip"]
+        assignments = [(self.jobs[n].config, self.record.jobs[n].attempt) for n in worker.first_jobs]
+        worker.runs_pending = worker.shape.workers
+        for rank, actor in enumerate(worker.actors):
+            # Rolling joins only for pack workers; a 2-GPU job's two workers train that one job.
+            call = actor.run.remote(assignments, distributed_env(rank, infos), self.sink, self.workdir, worker.shape.workers == 1)
+            self.waiting[call] = (worker.id, "run", rank)
+        self._dirty = True
 
-    def _worker_done(self, name: str, rank: int, result: dict[str, Any]) -> None:
-        live = self.live[name]
-        live.pending_runs -= 1
-        if rank == 0:
-            live.result = result
-        if live.pending_runs:
+    def _run_done(self, worker: WorkerSet, outcomes: dict[str, Any]) -> None:
+        """A worker's run returned: it was closed, or (one job, several workers) the job ended. Jobs whose
+        end the reports did not show yet take it from the returned outcomes."""
+        worker.runs_pending -= 1
+        for name, outcome in outcomes.items():
+            if name in worker.jobs:
+                self._job_ended(worker, name, outcome)
+        if worker.runs_pending:
             return
-        entry = self.record.jobs[name]
-        self._end_attempt(name)
-        entry.state, entry.result, entry.error = FINISHED, live.result, None  # earlier attempts keep their errors
-        entry.adapter_dir = str(Path(entry.output_dir) / "adapter")
-        entry.step, entry.loss, entry.eta_s = live.result["steps"], live.result["train_loss"], 0.0
-        self._write_record(force=True)
+        for name in list(worker.jobs):  # assigned after the worker stopped taking work: back to the queue
+            self._job_failed(worker, name, "the worker closed before the job started", retry=True, count=False)
+        self._end_worker(worker)
 
-    def _attempt_failed(self, name: str, error: str, retry: bool = True) -> None:
-        """A crash is retried while the job has retries left; bad input (JobError) would fail the same way again."""
-        entry, job = self.record.jobs[name], self.jobs[name]
-        entry.attempts[-1].error = error
-        self._end_attempt(name)
-        self.failures[name] += 1
-        entry.error = error
-        if retry and self.failures[name] <= job.max_failures:
-            entry.state = QUEUED
-            entry.ended_at = None
-            self.queue.appendleft(name)  # a retry keeps its place at the front of the queue
-        else:
-            entry.state = FAILED
-        self._write_record(force=True)
+    def _end_worker(self, worker: WorkerSet) -> None:
+        self.workers.pop(worker.id, None)
+        if self.placing is worker:
+            self.placing = None
+        stop_workers(worker.actors)
+        release(worker.placement)
+        if worker.node_id is not None:
+            for _ in range(worker.shape.workers):
+                self.used[worker.node_id]["CPU"] -= worker.shape.cpus_per_worker
+                self.used[worker.node_id]["GPU"] -= worker.shape.gpus_per_worker
+        self.record.workers[worker.id].update(state="ended", ended_at=time.time())
+        self.waiting = {ref: tag for ref, tag in self.waiting.items() if tag[0] != worker.id}
+        self._dirty = True
 
-    def _end_attempt(self, name: str) -> None:
-        live = self.live.pop(name)
-        stop_workers(live.workers)
-        release(live.group)
-        entry = self.record.jobs[name]
-        entry.attempts[-1].ended_at = entry.ended_at = time.time()
-        self.waiting = {ref: tag for ref, tag in self.waiting.items() if tag[0] != name}
+    def _worker_failed(self, worker: WorkerSet, error: str, retry: bool) -> None:
+        """The worker set died: every job on it counts an attempt and is retried while it may be."""
+        self.record.workers[worker.id]["error"] = error
+        for name in sorted(worker.jobs):
+            self._job_failed(worker, name, error, retry=retry)
+        self._end_worker(worker)
 
+    # ------------------------------------------------------------------ jobs
     def _apply_reports(self, reports: list[tuple[str, int, dict[str, Any]]]) -> None:
         for name, number, metrics in reports:
-            entry = self.record.jobs[name]
-            if entry.attempt != number or entry.state != RUNNING:
-                continue
-            if "train/loss" in metrics:
+            entry = self.record.jobs.get(name)
+            if entry is None or entry.attempt != number or entry.worker not in self.workers or name not in self.workers[entry.worker].jobs:
+                continue  # a report from an attempt that already ended
+            worker = self.workers[entry.worker]
+            event = metrics.get("event")
+            if event == "started":
+                attempt = entry.attempts[-1]
+                attempt.running_at = time.time()
+                entry.started_at = entry.started_at or attempt.running_at  # the job's time counts from its first start, not its queueing
+                entry.state = RUNNING
+                self.changed.add(name)
+                self._dirty = True
+            elif event in ("finished", "failed"):
+                self._job_ended(worker, name, metrics.get("result") or {"error": metrics.get("error", "")})
+            elif "train/loss" in metrics:
                 entry.step = int(metrics.get("step", entry.step))
                 entry.loss = _finite(metrics["train/loss"])
                 entry.tokens_per_s = _finite(metrics.get("perf/tokens_per_s"))
                 entry.eta_s = _finite(metrics.get("eta_s"))
                 if entry.attempts[-1].first_step_at is None:
                     entry.attempts[-1].first_step_at = time.time()
+                self._dirty = True  # progress reaches fleet.json too, at most once a second
+
+    def _job_ended(self, worker: WorkerSet, name: str, outcome: dict[str, Any]) -> None:
+        if "error" in outcome:
+            # The trainer refused the job inside a live pack (JobError): it alone fails, never retried.
+            self._job_failed(worker, name, f"JobError: {outcome['error']}", retry=False)
+            return
+        entry = self.record.jobs[name]
+        worker.jobs.discard(name)
+        entry.attempts[-1].ended_at = entry.ended_at = time.time()
+        entry.state, entry.result, entry.error = FINISHED, outcome, None  # earlier attempts keep their errors
+        entry.adapter_dir = str(JobDir(entry.output_dir).adapter)
+        entry.step, entry.loss, entry.eta_s = outcome.get("steps", entry.step), outcome.get("train_loss"), 0.0
+        self.changed.add(name)
+        self._dirty = True
+
+    def _job_failed(self, worker: WorkerSet, name: str, error: str, retry: bool, count: bool = True) -> None:
+        """A crash is retried while the job has retries left; bad input would fail the same way again."""
+        entry, job = self.record.jobs[name], self.jobs[name]
+        worker.jobs.discard(name)
+        entry.attempts[-1].error = error
+        entry.attempts[-1].ended_at = entry.ended_at = time.time()
+        entry.error = error
+        if count:
+            self.failures[name] += 1
+        if retry and self.failures[name] <= job.max_failures:
+            entry.state, entry.ended_at = QUEUED, None
+            self.queue.appendleft(name)  # a retry keeps its place at the front of the queue
+        else:
+            entry.state = FAILED
+        self.changed.add(name)
+        self._dirty = True
 
     def _stop_all(self) -> None:
-        for name in list(self.live):
-            entry = self.record.jobs[name]
-            entry.attempts[-1].error = "interrupted: the driver was stopped"
-            self._end_attempt(name)
-            entry.state = INTERRUPTED
+        for worker in list(self.workers.values()):
+            for name in worker.jobs:
+                entry = self.record.jobs[name]
+                entry.attempts[-1].error = "interrupted: the driver was stopped"
+                entry.attempts[-1].ended_at = entry.ended_at = time.time()
+                entry.state = INTERRUPTED
+            worker.jobs.clear()
+            self._end_worker(worker)
 
     def _write_record(self, force: bool = False) -> None:
         now = time.time()
-        if force or now - self._last_record_write >= self.record_every_s:
+        if force or (self._dirty and now - self._last_record_write >= self.record_every_s):
             self.record.write()
             self._last_record_write = now
+            self._dirty = False
 
 
 def _finite(value: Any) -> float | None:

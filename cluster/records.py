@@ -32,6 +32,7 @@ class Attempt:
     first_step_at: float | None = None
     ended_at: float | None = None
     workers: list[dict[str, Any]] = field(default_factory=list)
+    worker: str | None = None  # the worker set (fleet.json "workers") this attempt ran on
     error: str | None = None
 
 
@@ -48,6 +49,7 @@ class JobRecord:
     tokens_per_s: float | None = None
     eta_s: float | None = None
     node: str | None = None
+    worker: str | None = None  # the worker set (and so the adapter pack) of the latest attempt
     started_at: float | None = None
     ended_at: float | None = None
     adapter_dir: str | None = None
@@ -89,6 +91,9 @@ class FleetRecord:
     slots: int = 0
     address: str | None = None
     jobs: dict[str, JobRecord] = field(default_factory=dict)
+    # Each worker set by id ("w3"): its pid(s), node, slots, the jobs it trained (its adapter pack over
+    # time), and when it started and ended.
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,18 +137,23 @@ def read_fleet_record(run_dir: str | Path) -> FleetRecord:
         ) from None
 
 
-def summarize(record: FleetRecord) -> dict[str, Any]:
+def summarize(record: FleetRecord, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fleet-level figures over the jobs trained in this run (skipped jobs add nothing).
 
     - makespan_s: first submit to last job end;
     - job_time_s_sum: the sum of each job's own wall time (all its attempts, queueing excluded);
     - aggregate_tokens_per_s: tokens trained in this run / makespan;
-    - tokens_per_s_per_slot: that, divided by the slots the fleet could use at once.
-    A resumed job counts only the steps it trained in this run (its tokens scaled by that share).
+    - tokens_per_s_per_slot: that, divided by the slots the fleet could use at once;
+    - worker_starts: worker processes started in this run, against the jobs they trained (packs and
+      rolling joins make it smaller).
+    A resumed job counts only the steps it trained in this run (its tokens scaled by that share). A run
+    that trained nothing (every job had finished) keeps `earlier`'s figures: the run that trained them.
     """
     # Attempts of earlier runs into the same directory stay in the record but not in this run's figures.
     this_run = {name: [a for a in job.attempts if a.submitted_at >= record.started_at] for name, job in record.jobs.items()}
     trained = [job for job in record.jobs.values() if job.state != SKIPPED and this_run[job.name]]
+    if not trained and earlier and earlier.get("makespan_s"):
+        return {**earlier, "skipped": record.count(SKIPPED), "from_earlier_run": True}
     starts = [this_run[job.name][0].submitted_at for job in trained]
     ends = [job.ended_at for job in trained if job.ended_at is not None]
     makespan = (max(ends) - min(starts)) if starts and ends else 0.0
@@ -166,4 +176,6 @@ def summarize(record: FleetRecord) -> dict[str, Any]:
         "aggregate_tokens_per_s": aggregate,
         "slots": record.slots,
         "tokens_per_s_per_slot": aggregate / record.slots if record.slots else 0.0,
+        "worker_starts": sum(1 for worker in record.workers.values() if worker.get("started_at", 0) >= record.started_at),
+        "jobs_trained": len(trained),
     }

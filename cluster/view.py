@@ -16,7 +16,7 @@ STATE_STYLES = {"running": "green", "finished": "bold green", "skipped": "dim", 
 
 
 class FleetView(Protocol):
-    def update(self, record: FleetRecord) -> None: ...
+    def update(self, record: FleetRecord, changed: set[str]) -> None: ...
 
     def close(self, record: FleetRecord) -> None: ...
 
@@ -29,11 +29,16 @@ def make_view(console: Console | None = None) -> FleetView:
     return LogLinesView(console) if plain else LiveTableView(console)
 
 
-def jobs_table(record: FleetRecord) -> Table:
-    table = Table(title=f"fleet {record.name}", title_justify="left")
-    for column in ("job", "state", "attempt", "step", "loss", "tokens/s", "eta", "node", "time", "eval loss"):
-        table.add_column(column, justify="left" if column in ("job", "state", "node") else "right")
-    for job in record.jobs.values():
+ACTIVE = ("placing", "starting", "running")
+
+
+def jobs_table(record: FleetRecord, names: list[str] | None = None, caption: str | None = None) -> Table:
+    """One row per job (or per job of `names`): state, attempt, progress, speed, and the worker and node it
+    runs on (jobs sharing a worker train in one adapter pack)."""
+    table = Table(title=f"fleet {record.name}", title_justify="left", caption=caption, caption_justify="left")
+    for column in ("job", "state", "attempt", "step", "loss", "tokens/s", "eta", "worker", "node", "time", "eval loss"):
+        table.add_column(column, justify="left" if column in ("job", "state", "worker", "node") else "right")
+    for job in (record.jobs.values() if names is None else (record.jobs[n] for n in names)):
         style = STATE_STYLES.get(job.state, "")
         table.add_row(
             job.name,
@@ -43,6 +48,7 @@ def jobs_table(record: FleetRecord) -> Table:
             _number(job.loss, "{:.4f}"),
             _number(job.tokens_per_s, "{:,.0f}"),
             _duration(job.eta_s),
+            job.worker or "",
             job.node or "",
             _duration(job.run_time_s),
             _eval_change(job.result),
@@ -62,7 +68,10 @@ def summary_table(record: FleetRecord) -> Table:
         ("tokens trained", _number(summary.get("tokens"), "{:,.0f}")),
         ("aggregate tokens/s", _number(summary.get("aggregate_tokens_per_s"), "{:,.1f}")),
         (f"tokens/s per slot ({summary.get('slots', 0)} slots)", _number(summary.get("tokens_per_s_per_slot"), "{:,.1f}")),
+        ("worker processes started / jobs trained", f"{summary.get('worker_starts', 0)} / {summary.get('jobs_trained', 0)}"),
     ]
+    if summary.get("from_earlier_run"):
+        table.caption = "nothing was left to train: the figures are those of the run that trained the jobs"
     for label, value in rows:
         table.add_row(label, value)
     return table
@@ -87,15 +96,34 @@ def final_tables(record: FleetRecord) -> list[Table]:
 
 
 class LiveTableView:
-    """A rich table redrawn in place, four times a second at most."""
+    """A rich table of the jobs placing, starting or running, and a count of the others, redrawn in place
+    four times a second at most. Its work follows the changes, not the size of the fleet."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, every_s: float = 0.25) -> None:
         self.console = console
+        self.every_s = every_s
+        self.active: set[str] = set()
+        self.counts: dict[str, int] = {}
+        self.states: dict[str, str] = {}
+        self._last = 0.0
         self.live = Live(console=console, refresh_per_second=4, transient=False)
         self.live.start()
 
-    def update(self, record: FleetRecord) -> None:
-        self.live.update(jobs_table(record))
+    def update(self, record: FleetRecord, changed: set[str]) -> None:
+        for name in changed:
+            state = record.jobs[name].state
+            old = self.states.get(name)
+            if old is not None:
+                self.counts[old] -= 1
+            self.states[name] = state
+            self.counts[state] = self.counts.get(state, 0) + 1
+            (self.active.add if state in ACTIVE else self.active.discard)(name)
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        counts = ", ".join(f"{count} {state}" for state, count in sorted(self.counts.items()) if count)
+        self.live.update(jobs_table(record, sorted(self.active), caption=counts))
 
     def close(self, record: FleetRecord) -> None:
         self.live.update(Group(*final_tables(record)))
@@ -110,20 +138,24 @@ class LogLinesView:
         self.progress_every_s = progress_every_s
         self.seen: dict[str, tuple[str, int]] = {}
         self.last_progress: dict[str, float] = {}
+        self.running: set[str] = set()
 
-    def update(self, record: FleetRecord) -> None:
+    def update(self, record: FleetRecord, changed: set[str]) -> None:
         now = time.time()
-        for job in record.jobs.values():
-            if self.seen.get(job.name) != (job.state, job.attempt):
-                self.seen[job.name] = (job.state, job.attempt)
+        for name in sorted(changed):
+            job = record.jobs[name]
+            if self.seen.get(name) != (job.state, job.attempt):
+                self.seen[name] = (job.state, job.attempt)
                 self._line(job, detail=job.error if job.state in ("queued", "failed") and job.error else None)
-                self.last_progress[job.name] = now
-            elif job.state == "running" and now - self.last_progress.get(job.name, 0.0) >= self.progress_every_s:
-                self._line(job)
-                self.last_progress[job.name] = now
+                self.last_progress[name] = now
+            (self.running.add if job.state == "running" else self.running.discard)(name)
+        for name in sorted(self.running):
+            if now - self.last_progress.get(name, 0.0) >= self.progress_every_s:
+                self._line(record.jobs[name])
+                self.last_progress[name] = now
 
     def close(self, record: FleetRecord) -> None:
-        self.update(record)
+        self.update(record, set(record.jobs))
         for table in final_tables(record):
             self.console.print(table)
 
@@ -135,6 +167,8 @@ class LogLinesView:
             parts.append(f"{job.tokens_per_s:,.0f} tok/s")
         if job.eta_s:
             parts.append(f"eta {_duration(job.eta_s)}")
+        if job.worker:
+            parts.append(f"worker {job.worker}")
         if job.node:
             parts.append(f"node {job.node}")
         if detail:

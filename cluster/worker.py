@@ -1,15 +1,18 @@
-"""The Ray side of one job: its placement group, its worker actors, and the sink their progress flows to.
+"""The Ray side of a fleet's work: placement groups, worker actors, and the sink their progress flows to.
+
+A worker holds one slot (a placement group of one bundle) and trains an adapter pack in its process:
+`trainer.loop.run_pack` over the jobs it was given, taking more between steps as the scheduler assigns
+them (rolling joins), until the scheduler closes it. A 2-GPU job is two workers (ranks 0 and 1 of one
+DeepSpeed ZeRO-2 job), one per bundle of a two-bundle placement group on one node.
 
 Why own actors and placement groups rather than Ray Train's TorchTrainer:
-- Retry and resume are already the trainer's: `run_job` resumes from the newest complete checkpoint
-  in the job's output_dir. TorchTrainer would add a second checkpoint system (ray.train.Checkpoint,
+- Retry and resume are already the trainer's: `run_pack` resumes each job from the newest complete
+  checkpoint in its output_dir. TorchTrainer would add a second checkpoint system (ray.train.Checkpoint,
   its storage path and FailureConfig) that has to be kept in step with ours, for nothing.
-- A retry here is: kill the job's actors, free its placement group, queue it again. That is a few
-  lines the scheduler owns, and it lands on *any* free slot. TorchTrainer's restarts happen inside
-  one fit() that holds its resources, so a failed job could not yield its slot to a waiting one.
-- Each TorchTrainer.fit() starts a trainable actor, a controller and a worker group before the first
-  step. Here a job costs one placement group and one actor per worker: about a second, plus the
-  trainer's own imports and model loading (benchmarks/fleet_throughput.py measures each part).
+- A retry here is: kill the worker, free its placement group, queue its jobs again, each on any free
+  slot. TorchTrainer's restarts happen inside one fit() that holds its resources.
+- A worker outlives its first jobs: new adapters join its pack without a new process or a base reload.
+  Each TorchTrainer.fit() starts a trainable actor, a controller and a worker group per job.
 - The trainer already initialises torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT;
   giving two actors those variables is all a 2-GPU job needs.
 """
@@ -17,18 +20,21 @@ Why own actors and placement groups rather than Ray Train's TorchTrainer:
 from __future__ import annotations
 
 import os
+import queue
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+import trainer  # noqa: F401  (light; filters bitsandbytes' import-time notice in the worker process)
 from cluster.capacity import JobShape
 
 
 def reserve(shape: JobShape, name: str = "") -> PlacementGroup:
-    """A placement group for one job: one bundle per worker, all on one node (STRICT_PACK)."""
+    """A placement group for one worker set: one bundle per worker, all on one node (STRICT_PACK)."""
     return placement_group(shape.bundles(), strategy="STRICT_PACK", name=name)
 
 
@@ -39,7 +45,8 @@ def release(group: PlacementGroup | None) -> None:
 
 @ray.remote(num_cpus=0)
 class ProgressSink:
-    """Collects rank 0's per-step reports; the driver drains it. Reports from one worker arrive in order."""
+    """Collects the workers' reports (step metrics and job events); the driver drains it each tick.
+    Reports from one worker arrive in order."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[str, int, dict[str, Any]]] = []
@@ -52,16 +59,26 @@ class ProgressSink:
         return pending
 
 
-@ray.remote(max_restarts=0)
-class JobWorker:
-    """One training process of a job (rank `rank` of `world_size`); lives for one attempt only."""
+def train_pack(configs: list, report: Callable[[dict], None] | None, joins: Callable[[list[str]], list] | None) -> dict[str, Any]:
+    """What a worker runs: the trainer's run_pack. (The scheduler's tests and its scale benchmark give
+    workers a stand-in body with the same signature; it is not a user option.)"""
+    from trainer.loop import run_pack
 
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank = rank
-        self.world_size = world_size
+    return run_pack(configs, report, joins)
+
+
+@ray.remote(max_restarts=0, max_concurrency=2)  # two threads: assign() and close() arrive while run() trains
+class FleetWorker:
+    """One training process: rank `rank` of a job set of `world_size` workers; lives until closed or killed."""
+
+    def __init__(self, rank: int, world_size: int, body: Callable | None = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.body = body or train_pack
+        self.inbox: queue.Queue = queue.Queue()
+        self.attempts: dict[str, int] = {}
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs, and (rank 0) a free port for torch.distributed's rendezvous."""
+        """Where this worker runs, and (rank 0 of several) a free port for torch.distributed's rendezvous."""
         node_ip = ray.util.get_node_ip_address()
         port = None
         if self.rank == 0 and self.world_size > 1:
@@ -77,41 +94,66 @@ class JobWorker:
             "port": port,
         }
 
-    def run(self, config: Any, env: dict[str, str], sink: Any, attempt: int, workdir: str) -> dict[str, Any]:
-        """`trainer.run_job(config, report)` in this process; returns the JobResult as a dict.
+    def run(self, assignments: list[tuple[Any, int]], env: dict[str, str], sink: Any, workdir: str, joins: bool) -> dict[str, Any]:
+        """Train `assignments` ((config, attempt) pairs) and, with `joins`, whatever assign() adds, until close().
+        Returns each job's outcome: a JobResult as a dict, or {"error": ...}.
 
-        Relative paths in the config are the driver's: work from its directory when this node has it
+        Relative paths in the configs are the driver's: work from its directory when this node has it
         (always on the driver's node; elsewhere on a shared file system). A node without it keeps its
-        own working directory, e.g. the copy `ray job submit --working-dir` unpacked there.
-        """
+        own working directory, e.g. the copy `ray job submit --working-dir` unpacked there."""
         os.environ.update(env)
         if os.path.isdir(workdir):
             os.chdir(workdir)
-        from trainer.loop import run_job
+        configs = self._accept(assignments)
 
         def report(metrics: dict[str, Any]) -> None:
-            sink.report.remote(config.name, attempt, metrics)  # fire and forget: a step never waits on the driver
+            job = metrics["job"]
+            sink.report.remote(job, self.attempts.get(job, 0), metrics)  # fire and forget: a step never waits on the driver
 
-        return run_job(config, report).to_dict()
+        outcomes = self.body(configs, report if self.rank == 0 else None, self._joins if joins else None)
+        return {name: (outcome.to_dict() if hasattr(outcome, "to_dict") else {"error": str(outcome)}) for name, outcome in outcomes.items()}
+
+    def assign(self, assignments: list[tuple[Any, int]]) -> None:
+        self.inbox.put(assignments)
+
+    def close(self) -> None:
+        """No more work: the pack ends once its running jobs are done."""
+        self.inbox.put(None)
+
+    def _accept(self, assignments: list[tuple[Any, int]]) -> list:
+        for config, attempt in assignments:
+            self.attempts[config.name] = attempt
+        return [config for config, _ in assignments]
+
+    def _joins(self, running: list[str]) -> list:
+        """New jobs between steps. With jobs running, take whatever is waiting; with none, wait for an
+        assignment or close() (the scheduler decides within a tick whether this worker gets more work)."""
+        taken: list = []
+        block = not running
+        while True:
+            try:
+                item = self.inbox.get(block=block)
+            except queue.Empty:
+                return taken
+            if item is None:
+                return taken
+            taken += self._accept(item)
+            block = False
 
 
-def start_workers(shape: JobShape, group: PlacementGroup, job_name: str) -> list[Any]:
-    """One JobWorker per bundle of `group`, each pinned to its bundle."""
+def start_workers(shape: JobShape, group: PlacementGroup, body: Callable | None) -> list[Any]:
+    """One FleetWorker per bundle of `group`, each pinned to its bundle."""
     workers = []
     for rank in range(shape.workers):
         strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=rank)
         workers.append(
-            JobWorker.options(
-                num_cpus=shape.cpus_per_worker,
-                num_gpus=shape.gpus_per_worker,
-                scheduling_strategy=strategy,
-            ).remote(rank, shape.workers)
+            FleetWorker.options(num_cpus=shape.cpus_per_worker, num_gpus=shape.gpus_per_worker, scheduling_strategy=strategy).remote(rank, shape.workers, body)
         )
     return workers
 
 
 def distributed_env(rank: int, infos: list[dict[str, Any]]) -> dict[str, str]:
-    """torch.distributed's variables for one worker of a multi-worker job (nothing for a one-worker job).
+    """torch.distributed's variables for one worker of a multi-worker job (nothing for a one-worker set).
 
     All workers of a job share a node (STRICT_PACK), so the local rank is the rank. On GPUs every worker
     sees all of the job's GPUs, listed in rank order, so that NCCL can use peer-to-peer links between
@@ -135,7 +177,7 @@ def distributed_env(rank: int, infos: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def stop_workers(workers: list[Any]) -> None:
-    """Kill a job's workers now. Safe mid-step: checkpoints are written atomically, so a resume sees
-    only complete ones."""
+    """Kill a worker set now. Safe mid-step: checkpoints are written atomically, so a resume sees only
+    complete ones."""
     for worker in workers:
         ray.kill(worker, no_restart=True)

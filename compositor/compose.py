@@ -82,7 +82,7 @@ def compose(
     if layer_weights is not None and method != "linear":
         raise AdapterError("per-layer weights apply to the linear method only")
     if method == "svd" and svd_rank is None:
-        rank = max(u.rank for a in adapters for u in a.modules.values())
+        svd_rank = max(u.rank for a in adapters for u in a.modules.values())
     shapes = _module_shapes(adapters)
 
     modules: dict[str, LowRank] = {}

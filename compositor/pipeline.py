@@ -1,6 +1,6 @@
 """End-to-end composer runs, shared by the CLI and a fleet's `compose:` section: one ComposeConfig
 to one PEFT adapter directory + compose.json; and the PLR report (task and forgetting metrics of one
-adapter on its 4-, 8- and 16-bit bases, plus the per-layer quantization error)."""
+adapter on its training base and every higher precision, plus the per-layer quantization error)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,17 @@ from compositor.adapters import AdapterError, read_adapter
 from compositor.compose import common_base_model, compose_dirs
 from schema.compose import ComposeConfig, LearnConfig
 from compositor.learned import LearnedWeights, encode_pairs, learn_weights
-from compositor.restore import base_spec_of, load_base, quantization_error_table, resolve_dtype, summarize_errors
+from compositor.restore import (
+    base_spec_of,
+    load_base,
+    quant_label,
+    quantization_error_table,
+    resolve_dtype,
+    restoration_precisions,
+    restoration_quant,
+    summarize_errors,
+    training_quant,
+)
 
 
 def resolve_adapter_dirs(names: list[str], job_adapters: Mapping[str, Path] | None = None) -> list[Path]:
@@ -82,36 +92,45 @@ def run_fleet_compositions(compositions: list[ComposeConfig], fleet_output_dir: 
     return {c.name: run_compose(c, Path(fleet_output_dir) / "compose" / c.name, job_adapters) for c in compositions}
 
 
-def plr_report(adapter_dir: Path, tasks_file: Path, precisions: tuple[int, ...] = (4, 8, 16), dtype: str | None = None, base: str | None = None) -> dict:
-    """The adapter evaluated on each base precision (task and forgetting metrics, each precision's
-    own base as the forgetting reference), and ‖W − deq(q(W))‖/‖W‖ per layer for 4 and 8 bits."""
+def plr_report(adapter_dir: Path, tasks_file: Path, precisions: tuple[int, ...] | None = None, dtype: str | None = None, base: str | None = None) -> dict:
+    """The adapter evaluated on each base precision (task and forgetting metrics, each precision's own
+    base as the forgetting reference), and ‖W − deq(q(W))‖/‖W‖ per layer for each quantized width used.
+    `precisions` defaults to the adapter's training precision and every precision above it (2-bit HQQ:
+    2, 3, 4, 8, 16; 4-bit NF4: 4, 8, 16); one below the training precision is refused before any model loads."""
     from trainer.evaluation.matrix import evaluate_matrix
     from trainer.checks import load_tasks_file
     from trainer.models import load_tokenizer
 
     tasks = load_tasks_file(tasks_file)  # fails on a bad file before any model loads
     read_adapter(adapter_dir)
+    trained = training_quant(adapter_dir)
+    precisions = precisions or restoration_precisions(trained)
+    labels = {bits: quant_label(restoration_quant(trained, bits)) for bits in precisions}  # refuses a precision too low
     spec = base_spec_of(adapter_dir, base)
     tokenizer = load_tokenizer(spec)
     columns: dict[str, dict] = {}
     models = {}
     for bits in precisions:
         torch_dtype = resolve_dtype(spec, bits, dtype)
-        model = load_base(spec, bits, torch_dtype)
+        model = load_base(spec, bits, torch_dtype, trained=trained)
         started = time.perf_counter()
         rows = evaluate_matrix(model, tokenizer, [adapter_dir], tasks)
         base_row, adapter_row = rows.pop("base"), next(iter(rows.values()))
-        columns[f"{bits}-bit"] = {"dtype": str(torch_dtype).removeprefix("torch."), "adapter": adapter_row, "base": base_row, "eval_s": time.perf_counter() - started}
+        columns[f"{bits}-bit"] = {
+            "base_quant": labels[bits],
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "adapter": adapter_row,
+            "base": base_row,
+            "eval_s": time.perf_counter() - started,
+        }
         # evaluate_matrix injected the LoRA layers into this model; their `.weight` is still the base's.
         models[bits] = model
     full = models.get(16) or load_base(spec, 16, resolve_dtype(spec, 16, dtype))
-    quantized = {bits: m for bits, m in models.items() if bits != 16}
-    for bits in (4, 8):
-        quantized.setdefault(bits, load_base(spec, bits, torch.float32))
-    table = quantization_error_table(full, quantized)
+    table = quantization_error_table(full, {bits: m for bits, m in models.items() if bits != 16})
     return {
         "adapter": str(adapter_dir),
         "base_model": spec,
+        "trained_on": trained.model_dump(mode="json"),
         "tasks_file": str(tasks_file),
         "columns": columns,
         "quantization_error": table,

@@ -1,15 +1,17 @@
-"""Post-LoRA Restoration (PLR): put an adapter trained on a 4-bit base onto the base at 16, 8 or 4 bits,
-optionally merged, and measure what each choice changes.
+"""Post-LoRA Restoration (PLR): put an adapter trained on a quantized base onto the base at any
+precision from its training precision up, optionally merged, and measure what each choice changes.
 
+The training precision is read from the adapter (`training_quant`); below it nothing is restored.
 - 16 (PLR16): the original weights in the dtype the base model provides (fp32 for the smollm2-135m
   preset, which is dequantized from GGUF to fp32; a bf16 model stays bf16), unless a dtype is given.
 - 8 (PLR8): the base re-quantized to int8 (bitsandbytes LLM.int8, row-wise absmax).
-- 4: the NF4 base, exactly as in training.
+- 4 (PLR4) and 3 (PLR3) above a lower HQQ training precision: HQQ at that width, the training group size.
+- the training precision itself: the training base exactly (NF4 for QLoRA adapters, HQQ 2 or 3 bits).
 
 Merging is where tools disagree silently. Merging into the *original* W gives W + ΔW, which is not
-the model the adapter was trained with: that model is deq(NF4(W)) + ΔW. And merging into a 4-bit
+the model the adapter was trained with: that model is deq(q(W)) + ΔW. And merging into a quantized
 model re-quantizes, q(deq(q(W)) + ΔW), which loses part of ΔW. `merge_comparison` measures all three
-against the unmerged adapter on the NF4 base.
+against the unmerged adapter on its training base.
 """
 
 from __future__ import annotations
@@ -23,17 +25,27 @@ from pathlib import Path
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import torch
+from hqq.core.quantize import HQQLinear  # peft imports hqq already: free here
 from peft import PeftModel
+from pydantic import ValidationError
 from transformers import PreTrainedModel
 
 from compositor.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_adapter
 from schema.atomic import atomic_directory
 from schema.job import QuantConfig
-from trainer.models import load_base_model, load_tokenizer, resolve_model_dir
+from schema.jobdir import JobDir
+from trainer.adapters import ADAPTER_METADATA
+from trainer.models import load_base_model, load_tokenizer, resolve_model_dir, uses_hqq
 from trainer.specs import ModelSpecError, spec_for_adapter
 
-PRECISIONS = (16, 8, 4)
+PRECISIONS = (16, 8, 4, 3, 2)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What adapters written before lorafleet.json recorded their base were trained on: QLoRA's NF4.
+DEFAULT_TRAINING_QUANT = QuantConfig()
+
+
+class PrecisionError(AdapterError):
+    """A base precision this adapter cannot be restored to, found before any model loads."""
 
 
 def base_spec_of(adapter_dir: str | Path, override: str | None = None) -> str:
@@ -57,8 +69,8 @@ def native_dtype(spec: str) -> torch.dtype:
 
 
 def resolve_dtype(spec: str, precision: int, dtype: str | None) -> torch.dtype:
-    """16-bit: the base's own dtype unless overridden. 8/4-bit: the compute dtype of the quantized
-    layers; fp32 unless overridden (bf16 matmuls on CPU are ~30x slower)."""
+    """16-bit: the base's own dtype unless overridden. 8, 4, 3 and 2 bits: the compute dtype of the
+    quantized layers; fp32 unless overridden (bf16 matmuls on CPU are ~30x slower)."""
     if dtype is not None:
         if dtype not in DTYPES:
             raise AdapterError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
@@ -66,24 +78,79 @@ def resolve_dtype(spec: str, precision: int, dtype: str | None) -> torch.dtype:
     return native_dtype(spec) if precision == 16 else torch.float32
 
 
-def load_base(spec: str, precision: int, dtype: torch.dtype, device: torch.device | None = None) -> PreTrainedModel:
+def training_quant(adapter_dir: str | Path) -> QuantConfig:
+    """The quantization an adapter was trained on: lorafleet.json's "quant"; for adapters older than that
+    file, the quant section of the job's config.yaml beside the adapter directory; else 4-bit NF4."""
+    adapter_dir = Path(adapter_dir)
+    metadata = adapter_dir / ADAPTER_METADATA
+    if metadata.is_file():
+        source, recorded = metadata, json.loads(metadata.read_text()).get("quant", {})
+    else:
+        job_dir = JobDir(adapter_dir.parent)
+        saved = job_dir.saved_config()
+        if saved is None:
+            return DEFAULT_TRAINING_QUANT
+        source, recorded = job_dir.config_file, saved.get("quant", {})
+    try:
+        return QuantConfig.model_validate(recorded)
+    except ValidationError as err:
+        raise AdapterError(
+            f"{source}: its quant section does not describe a quantization ({err.errors()[0]['msg']}); fix it, or move the file aside to assume 4-bit NF4"
+        ) from None
+
+
+def quant_label(quant: QuantConfig) -> str:
+    """A base quantization in a word: nf4, fp4, int8, hqq3, ..., or original (16 bits: the weights as stored)."""
+    if uses_hqq(quant):
+        return f"hqq{quant.bits}"
+    return {4: quant.type, 8: "int8", 16: "original"}[quant.bits]
+
+
+def restoration_precisions(trained: QuantConfig) -> tuple[int, ...]:
+    """The training precision and every precision above it, lowest first."""
+    return tuple(bits for bits in sorted(PRECISIONS) if bits >= trained.bits)
+
+
+def restoration_quant(trained: QuantConfig, precision: int) -> QuantConfig:
+    """The base that an adapter trained on `trained` is restored onto at `precision` bits (see the module
+    docstring). Raises PrecisionError for a precision below the training one, before anything loads."""
     if precision not in PRECISIONS:
-        raise AdapterError(f"base precision {precision} is not one of {PRECISIONS}")
-    return load_base_model(spec, QuantConfig(bits=precision), dtype=dtype, device=device)
+        raise PrecisionError(f"base precision {precision} is not one of {', '.join(map(str, PRECISIONS))}")
+    if precision < trained.bits:
+        allowed = ", ".join(map(str, reversed(restoration_precisions(trained))))
+        raise PrecisionError(
+            f"base precision {precision} is not one of {allowed}: the adapter was trained on a {trained.bits}-bit base "
+            f"({quant_label(trained)}), and a restoration keeps or raises the precision it was trained at"
+        )
+    if precision == trained.bits:
+        return trained
+    if precision in (8, 16):
+        return QuantConfig(bits=precision)
+    # 3 or 4 bits above HQQ 2 or 3: the same method and groups, more levels per group.
+    return QuantConfig(bits=precision, method="hqq", group_size=trained.group_size)
+
+
+def load_base(
+    spec: str, precision: int, dtype: torch.dtype, device: torch.device | None = None, trained: QuantConfig = DEFAULT_TRAINING_QUANT
+) -> PreTrainedModel:
+    """The base at `precision` for an adapter trained on `trained` (restoration_quant)."""
+    return load_base_model(spec, restoration_quant(trained, precision), dtype=dtype, device=device)
 
 
 def load_restored(adapter_dir: str | Path, precision: int, dtype: str | None = None, base: str | None = None, device: torch.device | None = None) -> PeftModel:
     """The adapter on the base at `precision` (unmerged), in eval mode."""
     spec = base_spec_of(adapter_dir, base)
-    model = load_base(spec, precision, resolve_dtype(spec, precision, dtype), device)
+    model = load_base(spec, precision, resolve_dtype(spec, precision, dtype), device, training_quant(adapter_dir))
     restored = PeftModel.from_pretrained(model, str(adapter_dir))
     restored.eval()
     return restored
 
 
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
-    """deq(q(W)) of a bitsandbytes layer as it sits in memory, in fp32."""
-    weight = module.weight
+    """deq(q(W)) of a bitsandbytes or HQQ layer as it sits in memory, in fp32."""
+    if isinstance(module, HQQLinear):  # no .weight: a packed W_q with a scale and zero per group
+        return module.dequantize().float()
+    weight = getattr(module, "weight", None)
     if isinstance(module, bnb.nn.Linear4bit):
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
     if isinstance(module, bnb.nn.Linear8bitLt):
@@ -91,19 +158,21 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
         # forward pass bitsandbytes moves SCB from the weight to the layer's matmul state.
         scales = weight.SCB if weight.SCB is not None else module.state.SCB
         return bnb_functional.int8_vectorwise_dequant(weight.data, scales).float()
-    raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantized layer")
+    raise TypeError(f"{type(module).__name__} is not a bitsandbytes or HQQ quantized layer")
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The bitsandbytes layers by module name; inside a PEFT-wrapped model the name of the layer the
-    LoRA wraps (its `.base_layer` dropped), so names match the plain model's."""
+    """The bitsandbytes and HQQ layers by module name; inside a PEFT-wrapped model the name of the layer
+    the LoRA wraps (its `.base_layer` dropped), so names match the plain model's."""
     return {
-        name.replace(".base_layer", ""): m for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        name.replace(".base_layer", ""): m
+        for name, m in model.named_modules()
+        if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, HQQLinear))
     }
 
 
 def quantization_error_table(full: PreTrainedModel, quantized: dict[int, PreTrainedModel]) -> list[dict]:
-    """Per quantized linear layer: ‖W − deq(q(W))‖/‖W‖ for each given bit width (e.g. {4: m4, 8: m8})."""
+    """Per quantized linear layer: ‖W − deq(q(W))‖/‖W‖ for each given bit width (e.g. {3: hqq3, 4: nf4, 8: int8})."""
     originals = dict(full.named_modules())
     layers = {bits: quantized_layers(model) for bits, model in quantized.items()}
     names = sorted(set().union(*(set(found) for found in layers.values())), key=_natural_key)
@@ -159,13 +228,22 @@ def restore(
     base: str | None = None,
     compare_merges: bool = True,
 ) -> RestoreResult:
-    """Apply the adapter to the base at `precision`. Without merge, `out` is the adapter (a PEFT dir)
-    with restore.json naming the base and precision to load it on; with merge, `out` is a merged
-    model directory (weights + tokenizer) that AutoModelForCausalLM.from_pretrained loads, and
-    restore.json also records `merge_comparison` (unless compare_merges is off): how far merging
-    into W, into deq(NF4(W)) and into the NF4 model land from the model the adapter was trained as."""
+    """Apply the adapter to the base at `precision`. Without merge, `out` is the adapter (a PEFT dir, with
+    its lorafleet.json when it has one) and restore.json naming the base and precision to load it on; with
+    merge, `out` is a merged model directory (weights + tokenizer) that AutoModelForCausalLM.from_pretrained
+    loads, and restore.json also records `merge_comparison` (unless compare_merges is off, or the adapter
+    was trained unquantized): how far merging into W, into deq(q(W)) and into the quantized training base
+    land from the model the adapter was trained as. A precision below the training one, and a merge into
+    an HQQ base, are refused (PrecisionError) before any model loads."""
     adapter_dir, out = Path(adapter_dir), Path(out)
     adapter = read_adapter(adapter_dir)  # refuses non-LoRA or broken dirs before any model loads
+    trained = training_quant(adapter_dir)
+    target = restoration_quant(trained, precision)
+    if merge and uses_hqq(target):
+        raise PrecisionError(
+            f"--merge at {precision} bits would write an HQQ model, which transformers cannot load (its HQQ loader is not "
+            f"implemented here); restore without --merge (the adapter then loads onto the {quant_label(target)} base), or merge at 8 or 16"
+        )
     spec = base_spec_of(adapter_dir, base)
     torch_dtype = resolve_dtype(spec, precision, dtype)
     record = {
@@ -173,6 +251,8 @@ def restore(
         "adapter_sha256": adapter.fingerprint(),
         "base_model": spec,
         "base_precision": precision,
+        "base_quant": quant_label(target),
+        "trained_on": trained.model_dump(mode="json"),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "merged": merge,
     }
@@ -184,12 +264,15 @@ def restore(
             merged.save_pretrained(staging)
             tokenizer = load_tokenizer(spec)
             tokenizer.save_pretrained(staging)
-            if compare_merges:
+            if compare_merges and trained.bits != 16:
                 record["merge_comparison"] = merge_comparison(adapter_dir, probe_ids(tokenizer), base)
             if precision == 4:
-                record["note"] = "merged into the NF4 base and re-quantized: q(deq(q(W)) + ΔW); part of ΔW is lost (see merge_comparison)"
+                label = quant_label(target).upper()
+                record["note"] = f"merged into the {label} base and re-quantized: q(deq(q(W)) + ΔW); part of ΔW is lost (see merge_comparison)"
         else:
-            for name in (CONFIG_FILE, WEIGHTS_FILE):
+            # lorafleet.json keeps the training precision with the adapter: the copy restores as the original does.
+            metadata = [ADAPTER_METADATA] if (adapter_dir / ADAPTER_METADATA).is_file() else []
+            for name in (CONFIG_FILE, WEIGHTS_FILE, *metadata):
                 shutil.copy2(adapter_dir / name, staging / name)
         (staging / "restore.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -206,41 +289,44 @@ def probe_ids(tokenizer) -> torch.Tensor:
 
 
 def merge_comparison(adapter_dir: str | Path, input_ids: torch.Tensor, base: str | None = None) -> dict:
-    """How far each way of merging a QLoRA adapter lands from the model it was trained as (the adapter
-    on the NF4 base, unmerged), in fp32 on the probe `input_ids`:
+    """How far each way of merging an adapter trained on a quantized base q lands from the model it was
+    trained as (the adapter on that base, unmerged), in fp32 on the probe `input_ids`. With q's label
+    (nf4, hqq2, ...: `quant_label`) in the names:
 
     - `into_original`: W + ΔW (PLR16 merged);
-    - `into_dequant_nf4`: deq(NF4(W)) + ΔW in fp32 (the trained model, merged exactly);
-    - `into_nf4_requantized`: q(deq(NF4(W)) + ΔW), what merging into a 4-bit model gives.
+    - `into_dequant_<q>`: deq(q(W)) + ΔW in fp32 (the trained model, merged exactly);
+    - `into_<q>_requantized`: q(deq(q(W)) + ΔW), what merging into the quantized model gives.
 
     Reports max |Δlogit| and mean KL(reference || variant) per variant, and per layer the share of ΔW
     that re-quantization loses, ‖q(deq(qW)+ΔW) − (deq(qW)+ΔW)‖ / ‖ΔW‖.
     """
     spec = base_spec_of(adapter_dir, base)
-    reference = load_restored(adapter_dir, 4, "fp32", base)
+    trained = training_quant(adapter_dir)
+    trained_label = quant_label(trained)
+    reference = load_restored(adapter_dir, trained.bits, "fp32", base)
     with torch.no_grad():
         reference_logits = reference(input_ids=input_ids).logits.float()
-    nf4_layers = quantized_layers(reference.get_base_model())
+    trained_layers = quantized_layers(reference.get_base_model())
     # Exact fp32 copies of deq(qW) + ΔW per layer, taken before anything is merged.
     deltas = {
         name.removeprefix("base_model.model."): module.get_delta_weight("default").float()
         for name, module in reference.named_modules()
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
     }
-    dequant_before = {name: dequantized_weight(layer) for name, layer in nf4_layers.items()}
+    dequant_before = {name: dequantized_weight(layer) for name, layer in trained_layers.items()}
 
     variants: dict[str, PreTrainedModel] = {}
     variants["into_original"] = PeftModel.from_pretrained(load_base(spec, 16, torch.float32), str(adapter_dir)).merge_and_unload()
     deq_base = dequantized_copy(load_base(spec, 16, torch.float32), reference.get_base_model())
-    variants["into_dequant_nf4"] = PeftModel.from_pretrained(deq_base, str(adapter_dir)).merge_and_unload()
-    variants["into_nf4_requantized"] = reference.merge_and_unload()
+    variants[f"into_dequant_{trained_label}"] = PeftModel.from_pretrained(deq_base, str(adapter_dir)).merge_and_unload()
+    variants[f"into_{trained_label}_requantized"] = reference.merge_and_unload()
 
     lost = []
-    for name, layer in quantized_layers(variants["into_nf4_requantized"]).items():
+    for name, layer in quantized_layers(variants[f"into_{trained_label}_requantized"]).items():
         if name in deltas:
             exact = dequant_before[name] + deltas[name]
             lost.append({"module": name, "lost_frac": float((dequantized_weight(layer) - exact).norm() / deltas[name].norm())})
-    result = {"probe_tokens": int(input_ids.numel()), "variants": {}, "requantization_loss": lost}
+    result = {"trained_on": trained_label, "probe_tokens": int(input_ids.numel()), "variants": {}, "requantization_loss": lost}
     reference_log_probs = torch.log_softmax(reference_logits, dim=-1)
     for label, model in variants.items():
         with torch.no_grad():

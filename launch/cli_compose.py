@@ -1,5 +1,6 @@
-"""`lorafleet compose` (combine adapters), `lorafleet restore` (PLR: an adapter on its base at 16, 8 or
-4 bits, optionally merged) and `lorafleet plr` (the adapter evaluated on all three bases)."""
+"""`lorafleet compose` (combine adapters), `lorafleet restore` (PLR: an adapter on its base at 16, 8, 4,
+3 or 2 bits, from its training precision up, optionally merged) and `lorafleet plr` (the adapter
+evaluated on its training base and every higher precision)."""
 
 from __future__ import annotations
 
@@ -130,16 +131,21 @@ def register(app: typer.Typer) -> None:
 
     @app.command("restore")
     def restore_command(
-        adapter: Path = typer.Argument(..., help="PEFT adapter directory (trained on a 4-bit base, typically)."),
-        base_precision: int = typer.Option(..., "--base-precision", help="16 (original weights), 8 (int8) or 4 (NF4, as in training)."),
+        adapter: Path = typer.Argument(..., help="PEFT adapter directory (its lorafleet.json says the precision it was trained at; 4-bit NF4 if it has none)."),
+        base_precision: int = typer.Option(
+            ...,
+            "--base-precision",
+            help="At or above the training precision: 16 (original weights), 8 (int8), 4 (NF4; HQQ 4-bit for an adapter trained with HQQ), "
+            "3 (HQQ 3-bit, for an adapter trained at 2 bits), or the training precision itself (its training base).",
+        ),
         out: Path = typer.Option(..., "--out", help="Output directory."),
-        merge: bool = typer.Option(False, "--merge", help="Write a merged model (AutoModelForCausalLM.from_pretrained loads it)."),
-        dtype: str | None = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16; default: the base's own dtype at 16 bits, fp32 compute at 8/4."),
+        merge: bool = typer.Option(False, "--merge", help="Write a merged model (AutoModelForCausalLM.from_pretrained loads it); at 16, 8 or NF4, not onto an HQQ base."),
+        dtype: str | None = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16; default: the base's own dtype at 16 bits, fp32 compute when quantized."),
         base: str | None = typer.Option(None, "--base", help="Base model spec; default: the adapter's base_model_name_or_path."),
-        compare: bool = typer.Option(True, "--compare-merges/--no-compare-merges", help="With --merge: measure how merging into W, into deq(NF4(W)) and into the NF4 model differ from the trained model."),
+        compare: bool = typer.Option(True, "--compare-merges/--no-compare-merges", help="With --merge: measure how merging into W, into deq(q(W)) and into the quantized training base differ from the trained model."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier restore in --out."),
     ) -> None:
-        """Post-LoRA Restoration: apply the adapter to the base at 16, 8 or 4 bits, optionally merged."""
+        """Post-LoRA Restoration: apply the adapter to the base at its training precision or any above (16, 8, 4, 3 bits), optionally merged."""
         from compositor.adapters import AdapterError
         from compositor.restore import PRECISIONS, restore
         from schema.outputs import output_problem
@@ -151,13 +157,13 @@ def register(app: typer.Typer) -> None:
             fail(ConfigError(problem))
         try:
             result = restore(adapter, base_precision, out, merge=merge, dtype=dtype, base=base, compare_merges=compare)
-        except (AdapterError, ModelSpecError) as err:
+        except (AdapterError, ConfigError, ModelSpecError) as err:
             fail(err)
         console = Console()
         report = result.record.get("merge_comparison")
         console.print_json(json.dumps({k: v for k, v in result.record.items() if k != "merge_comparison"}))
         if report is not None:
-            table = Table(title="merging a QLoRA adapter: distance from the trained model (adapter on NF4, unmerged)")
+            table = Table(title=f"merging the adapter: distance from the trained model (adapter on {report['trained_on'].upper()}, unmerged)")
             for column in ("merge", "max |Δlogit|", "mean KL"):
                 table.add_column(column)
             for label, row in report["variants"].items():
@@ -176,7 +182,7 @@ def register(app: typer.Typer) -> None:
         base: str | None = typer.Option(None, "--base", help="Base model spec; default: the adapter's base_model_name_or_path."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier plr.json in --out."),
     ) -> None:
-        """Evaluate the adapter on its 4-bit, 8-bit and 16-bit bases side by side, with the quantization error per bit width."""
+        """Evaluate the adapter on its training base and every higher precision side by side (4-bit NF4: 4, 8, 16; 2-bit HQQ: 2, 3, 4, 8, 16), with the quantization error per bit width."""
         from compositor.adapters import AdapterError
         from compositor.pipeline import plr_report
         from schema.outputs import output_problem
@@ -193,7 +199,8 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"PLR: {adapter} on {report['base_model']}")
         table.add_column("metric")
         for label in report["columns"]:
-            table.add_column(f"{label} ({report['columns'][label]['dtype']})", justify="right")
+            column = report["columns"][label]
+            table.add_column(f"{label} {column['base_quant']} ({column['dtype']})", justify="right")
         for name in names:
             table.add_row(name.removeprefix("eval/"), *(f"{col['adapter'].get(name, float('nan')):.4g}" for col in report["columns"].values()))
         console.print(table)

@@ -23,7 +23,7 @@ EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 130
 def run(
     fleet_file: Path = typer.Argument(..., help="Fleet YAML: name, defaults, resources, jobs, output_dir."),
     address: str = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)."),
-    max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="Run at most this many jobs at once (default: as many as fit)."),
+    max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="Use at most this many slots at once (default: every slot of the cluster).", metavar="SLOTS"),
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local cluster (default: all of this machine's)."),
     set_: list[str] = typer.Option([], "--set", help="Override a fleet-file field, e.g. --set defaults.train.max_steps=20 (repeatable)."),
 ) -> None:
@@ -53,8 +53,11 @@ def run(
                 fail(ConfigError(problems, title="the cluster cannot hold every job"))
             gpus = cluster_has_gpus(live_nodes)
             jobs = [FleetJob(config=job, shape=job_shape(job.resources, gpus), max_failures=job.resources.max_failures) for job in fleet.jobs]
+            slots = slot_count(live_nodes, fleet.resources)
+            usable = min(slots, max_concurrent) if max_concurrent else slots  # what tokens/s per slot divides by
             runner = FleetRunner(
-                fleet.name, jobs, fleet.output_dir, slots=slot_count(live_nodes, fleet.resources), view=make_view(out), max_concurrent=max_concurrent
+                fleet.name, jobs, fleet.output_dir, live_nodes, make_view(out), slots=usable,
+                max_adapters=fleet.packing.max_adapters, backfill=fleet.backfill, max_concurrent=max_concurrent,
             )
             record = runner.run()
     except ClusterUnreachable as err:

@@ -8,12 +8,24 @@ from typing import Any
 
 from pydantic import Field
 
-from schema.base import NAME_PATTERN, Section
+from schema.base import NAME_PATTERN, Int, Section
 from schema.compose import ComposeConfig
 from schema.job import JobConfig, ResourcesConfig
 
 # Entries of a fleet's run directory that are not job directories; a job may not take these names.
 RUN_DIR_ENTRIES = ("fleet.json", "tb", "compose", "report")
+
+
+class PackingConfig(Section):
+    max_adapters: Int = Field(
+        4,
+        ge=1,
+        description=(
+            "Most adapters one worker trains at once on its shared base (an adapter pack); 1 gives every job its own "
+            "worker. Default 4: on the 2-core CPU it trained 4 SmolLM2 adapters at the highest aggregate tokens/s "
+            "measured (benchmarks/results/pack_throughput_cpu.md)."
+        ),
+    )
 
 
 class FleetFile(Section):
@@ -29,6 +41,16 @@ class FleetFile(Section):
     compose: list[ComposeConfig] = Field(
         default_factory=list, description="Adapter compositions run after the jobs finish; each writes <output_dir>/compose/<name>."
     )
+    packing: PackingConfig = Field(default_factory=PackingConfig, description="Adapter packs: compatible jobs share a worker and its base.")
+    backfill: Int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "While the job at the head of the queue cannot be placed, at most this many later jobs may start before it "
+            "(on free slots, or by joining a running pack); then nothing else starts until it has its slots. "
+            "Default: the number of slots of the cluster. 0 keeps strict fleet order."
+        ),
+    )
 
 
 class FleetConfig(Section):
@@ -39,6 +61,8 @@ class FleetConfig(Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="The fleet-wide default resources (used to count slots).")
     output_dir: Path = Field(description="Run directory holding the job directories, fleet.json and tb/fleet/.")
     compose: list[ComposeConfig] = Field(default_factory=list, description="Compositions of the jobs' adapters, run after the jobs finish.")
+    packing: PackingConfig = Field(default_factory=PackingConfig, description="Adapter packs: compatible jobs share a worker and its base.")
+    backfill: Int | None = Field(None, ge=0, description="Later jobs that may start ahead of a waiting head job (see FleetFile.backfill).")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

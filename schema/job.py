@@ -175,6 +175,13 @@ class JobConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint cadence and retention.")
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig, description="Measures that keep the base model's abilities.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What the job asks of the cluster.")
+    packing: bool = Field(
+        True,
+        description=(
+            "In a fleet, the job may train in an adapter pack: one worker and one base shared with compatible jobs "
+            "(see pack_key and the fleet's packing). false trains it alone. (data.packing is another thing: examples packed into sequences.)"
+        ),
+    )
     output_dir: Path = Field(Path("runs/job"), description="Where the job writes its adapter, checkpoints, logs and summary.")
 
     @model_validator(mode="after")
@@ -190,7 +197,7 @@ class JobConfig(Section):
 
 
 # Fields that do not change a job's results: a resumed run may differ in these.
-RESULT_NEUTRAL_FIELDS = ("name", "output_dir", "resources", "checkpoint", "eval", "train.log_every")
+RESULT_NEUTRAL_FIELDS = ("name", "output_dir", "resources", "packing", "checkpoint", "eval", "train.log_every")
 
 
 def pack_key(job: JobConfig) -> tuple:
@@ -203,8 +210,9 @@ def pack_key(job: JobConfig) -> tuple:
     Everything else may differ: data and rehearsal mixes, r, alpha, dropout, rsLoRA, target modules,
     optimizer, lr and schedule, seed, max_steps, micro_batch and grad_accum, LwF and L2, and the eval and
     checkpoint cadence. Jobs that run alone get a key naming only themselves: DoRA, AdaLoRA and VeRA
-    (peft's own forward applies one adapter to a whole batch) and 2-worker jobs (DeepSpeed ZeRO-2).
+    (peft's own forward applies one adapter to a whole batch), 2-worker jobs (DeepSpeed ZeRO-2), and jobs
+    that set `packing: false`.
     """
     shared = (job.model, *job.quant.model_dump().values(), job.train.seq_len, job.train.dtype, job.train.grad_checkpointing, job.data.packing)
-    alone = job.lora.method != "lora" or job.lora.dora or job.resources.gpus_per_job > 1
+    alone = job.lora.method != "lora" or job.lora.dora or job.resources.gpus_per_job > 1 or not job.packing
     return ("alone", job.name, *shared) if alone else shared

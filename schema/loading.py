@@ -323,7 +323,10 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> LoadedFl
             job = None  # a repeated name: only the first of them runs
         entries.append(JobEntry(label, job_placement, merged, job))
     valid = [entry.config for entry in entries if entry.config is not None]
-    fleet = FleetConfig(name=envelope.name, jobs=valid, resources=envelope.resources, output_dir=envelope.output_dir, compose=envelope.compose) if valid else None
+    fleet = FleetConfig(
+        name=envelope.name, jobs=valid, resources=envelope.resources, output_dir=envelope.output_dir, compose=envelope.compose,
+        packing=envelope.packing, backfill=envelope.backfill,
+    ) if valid else None
     return LoadedFleet(fleet, placement, entries, problems, envelope.output_dir)
 
 

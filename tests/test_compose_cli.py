@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from schema.yamlfile import dump_yaml, read_yaml_text
+from schema.yamlfile import dump_yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 

@@ -30,7 +30,7 @@ def test_unparsable_json_line_names_file_and_line(tmp_path, tokenizer):
     lines.insert(3, '{"prompt": "unterminated')
     path.write_text("\n".join(lines) + "\n")
     for attempt in (lambda: validate_data(config_for(path)), lambda: build_train_stream(config_for(path), tokenizer, seq_len=64, micro_batch=1, seed=0)):
-        with pytest.raises(DataError, match=rf"broken\.jsonl:4: line 4 is not valid JSON"):
+        with pytest.raises(DataError, match=r"broken\.jsonl:4: line 4 is not valid JSON"):
             attempt()
 
 

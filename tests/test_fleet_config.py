@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from schema.yamlfile import dump_yaml, read_yaml_text
+from schema.yamlfile import dump_yaml
 from typer.testing import CliRunner
 
 from cluster.capacity import NodeCapacity, job_shape, unsatisfiable

@@ -64,7 +64,7 @@ def test_views(tmp_path, monkeypatch):
     plain = io.StringIO()
     view = make_view(Console(file=plain, width=200))
     assert isinstance(view, LogLinesView)
-    view.update(record)
+    view.update(record, {"a", "b", "c"})
     record.jobs["b"].state = "finished"
     record.summary = summarize(record)
     view.close(record)
@@ -80,7 +80,7 @@ def test_views(tmp_path, monkeypatch):
     terminal = io.StringIO()
     live = make_view(Console(file=terminal, force_terminal=True, width=200))
     assert isinstance(live, LiveTableView)
-    live.update(record)
+    live.update(record, {"a", "b", "c"})
     live.close(record)
     drawn = terminal.getvalue()
     assert "fleet f" in drawn and "fleet summary" in drawn and "233.3" in drawn  # aggregate tokens/s

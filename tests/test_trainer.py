@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
-from schema.yamlfile import dump_yaml, read_yaml_text
+from schema.yamlfile import dump_yaml
 import torch
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -110,6 +111,9 @@ def test_resume_repeats_the_uninterrupted_losses(make_job, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_job(broken, report=crash_after_step_5)
     assert (tmp_path / "broken" / "checkpoints" / "step-3").is_dir()
+    # TensorBoard orders a run's event files by name: a timestamp in whole seconds, then a counter per
+    # process (".9" sorts after ".10"). A resume is a new process a second later; in this one, wait a second.
+    time.sleep(1.1)
     resumed = run_job(broken)
     assert resumed.resumed_from_step == 3
 

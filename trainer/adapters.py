@@ -80,6 +80,10 @@ class SharedBase:
         name = f"adapter{self._created}"
         self._created += 1
         config = peft_config(lora, max_steps)
+        if config.target_modules == "all-linear":
+            # peft's all-linear finds torch.nn.Linear only; on an HQQ base the quantized layers are HQQLinear.
+            quantized = sorted({n.rsplit(".", 1)[-1] for n, m in self.base.named_modules() if type(m).__name__ == "HQQLinear"})
+            config.target_modules = quantized or "all-linear"
         with torch.random.fork_rng(devices=[]):  # the init draws from `seed` alone and leaves the global stream as it was
             torch.manual_seed(seed)
             if self.model is None:
@@ -152,6 +156,8 @@ def adapter_metadata(base: dict, quant: QuantConfig, job: str) -> dict:
 def precision_name(quant: QuantConfig) -> str:
     if quant.bits == 16:
         return "16-bit (no quantization)"
+    if quant.method == "hqq":
+        return f"{quant.bits}-bit HQQ, group size {quant.group_size}"
     if quant.bits == 8:
         return "int8 (bitsandbytes LLM.int8)"
     return f"4-bit {quant.type.upper()}" + (" with double quantization" if quant.double_quant else "") + " (bitsandbytes)"

@@ -18,7 +18,7 @@ from schema.data import DataConfig
 from schema.loading import JobEntry, load_job, load_tasks
 from schema.problems import ConfigError, Problem
 from schema.tasks import TasksFile
-from trainer.specs import ModelSpecError, linear_module_names, locate_model
+from trainer.specs import ModelSpecError, group_size_problem, linear_layers, locate_model
 
 
 def check_job(config: JobConfig, *, deep: bool = True) -> list[Problem]:
@@ -73,16 +73,20 @@ def _model_problems(config: JobConfig) -> list[Problem]:
         return [Problem.at(("model",), config.model, str(err))]
     if not source.ready:  # a GGUF not converted yet, or a hub id: its modules are checked when it loads
         return []
+    layers = linear_layers(source.local)
+    problems = []
+    if config.quant.method == "hqq" and config.quant.bits != 16 and (problem := group_size_problem(layers, config.quant.group_size)):
+        problems.append(Problem.at(("quant", "group_size"), config.quant.group_size, problem))
     targets = config.lora.targets
     wanted = TARGET_PRESETS[targets] if isinstance(targets, str) else list(targets)
     if isinstance(wanted, str):  # all-linear: whatever the model has
-        return []
-    names = linear_module_names(source.local)
+        return problems
+    names = list(layers.inputs)
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
     missing = [t for t in wanted if not any(name == t or name.endswith("." + t) for name in names)]
     if not missing:
-        return []
-    return [
+        return problems
+    return problems + [
         Problem.at(
             ("lora", "targets"),
             targets,

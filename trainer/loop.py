@@ -47,7 +47,7 @@ def run_pack(configs: Sequence[JobConfig], report: Report | None = None, joins: 
     """Train every job of `configs` (and those `joins` adds) on one shared base; one outcome per job.
 
     All jobs must share `schema.job.pack_key`. `report` receives each logged step's metrics (with
-    "job") and an event per job that ends ({"job", "event": "finished" | "failed", ...}). `joins(running)`
+    "job") and an event when a job joins and when it ends ({"job", "event": "started" | "finished" | "failed", ...}). `joins(running)`
     is asked between steps for more jobs; the pack ends when it has no job left and `joins` adds none.
     A job whose data, loss or gradients fail leaves the pack with a JobError; the others carry on."""
     outcomes: dict[str, JobResult | JobError] = {}
@@ -70,6 +70,7 @@ def run_pack(configs: Sequence[JobConfig], report: Report | None = None, joins: 
                 outcomes[config.name] = done
             else:
                 jobs.append(AdapterJob(config, shared, report, display))
+                emit({"job": config.name, "event": "started", "step": jobs[-1].step})
                 return
         except JobError as err:
             outcomes[config.name] = err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,22 +128,53 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def linear_module_names(model_dir: Path) -> list[str]:
-    """Every linear layer's full module name in the model at `model_dir`, found on the meta device (no
-    weights are read) and cached per config.json, so the next check costs a file read."""
+@dataclass(frozen=True)
+class LinearLayers:
+    """A model's linear layers (full name -> input size) and which of them is the output head."""
+
+    inputs: dict[str, int]
+    output_head: str | None
+
+    def quantizable(self) -> dict[str, int]:
+        """Every linear layer but the output head (it stays in full precision under every method)."""
+        return {name: size for name, size in self.inputs.items() if name != self.output_head}
+
+
+def linear_layers(model_dir: Path) -> LinearLayers:
+    """The linear layers of the model at `model_dir`, found on the meta device (no weights are read) and
+    cached per config.json, so the next check costs a file read."""
     config_bytes = (model_dir / "config.json").read_bytes()
     cached = cache_root() / "modules" / f"{hashlib.sha256(config_bytes).hexdigest()[:16]}.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
+        data = json.loads(cached.read_text())
+        if isinstance(data, dict) and "inputs" in data:
+            return LinearLayers(data["inputs"], data["output_head"])
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    names = sorted(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
-    write_json_atomic(cached, names)
-    return names
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    head = model.get_output_embeddings()
+    inputs = {name: module.in_features for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    output_head = next((name for name, module in model.named_modules() if module is head), None)
+    write_json_atomic(cached, {"inputs": inputs, "output_head": output_head})
+    return LinearLayers(inputs, output_head)
+
+
+def group_size_problem(layers: LinearLayers, group_size: int) -> str | None:
+    """Why HQQ cannot group these layers by `group_size` (a layer's input size it does not divide), or None.
+    HQQ groups each weight row into runs of group_size inputs; hqq itself only asserts that the whole
+    matrix divides, and would let groups straddle rows."""
+    quantizable = layers.quantizable()
+    wrong = next(((name, size) for name, size in quantizable.items() if size % group_size), None)
+    if wrong is None:
+        return None
+    common = math.gcd(*quantizable.values())
+    fitting = [str(size) for size in (8, 16, 32, 64, 128, 256) if common % size == 0] or ["8"]
+    return (
+        f"group_size {group_size} does not divide the input size {wrong[1]} of layer {wrong[0]}; HQQ needs a group size that "
+        f"divides every layer's input size: use {', '.join(fitting[:-1]) + ' or ' if len(fitting) > 1 else ''}{fitting[-1]}"
+    )
 
 
 def spec_for_adapter(adapter_dir: str | Path) -> str:

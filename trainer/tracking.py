@@ -9,7 +9,6 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
