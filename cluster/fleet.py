@@ -148,6 +148,7 @@ class FleetRunner:
         self._last_record_write = 0.0
         self._worker_ids = itertools.count(self._first_worker_number())
         self.sink: Any = None  # the ProgressSink actor, for the length of run()
+        self.collecting: Any = None  # its collect() call in flight
         self.workdir = str(Path.cwd())  # where the config's relative paths start
 
     def _initial_record(self, name: str, jobs: list[FleetJob], slots: int) -> FleetRecord:
@@ -193,9 +194,9 @@ class FleetRunner:
             self.view.update(self.record, set(self.record.jobs))
             self._schedule()
             while self.queue or self.workers:
-                ready = self._ready_refs()
+                reports, ready = self._wait()
                 # Reports first: a job's last reports and its worker's end can arrive in the same tick.
-                self._apply_reports(ray.get(self.sink.drain.remote()))
+                self._apply_reports(reports)
                 self._handle(ready)
                 self._schedule()  # before closing idle workers: a queued job of their group may join them
                 self._close_idle()
@@ -234,47 +235,63 @@ class FleetRunner:
             if passed is None:
                 return
             self.passes += 1
+            self.record.jobs[head].passed_by.append(passed)
 
     def _start(self, name: str) -> bool:
-        """Start `name` now if it can: by joining a running pack of its group with room, or on a new worker
-        set (with the next queued jobs of its group) when a node has room for it."""
+        """Start `name` now if it can, cheapest first: join a running pack of its group with room (same
+        base, no reload); start a new pack on an idle worker set of its shape (same process); or ask Ray
+        for a new worker set when a node has room. A new pack takes the next queued jobs of its group."""
         job = self.jobs[name]
         joinable = next(
-            (w for w in self.workers.values() if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1),
+            (w for w in self.workers.values()
+             if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1),
             None,
         )
         if joinable is not None:
             self.queue.remove(name)
-            self._assign(joinable, [name])
+            self._assign(joinable, [name], "join")
             return True
-        if self.placing is not None or not self._fits(job.shape) or self._at_slot_cap(job.shape):
+        idle = next((w for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == job.shape), None)
+        if idle is None and (self.placing is not None or not self._fits(job.shape) or self._at_slot_cap(job.shape)):
             return False
+        worker = idle or self._place(job.shape)
+        worker.group = job.group
         capacity = self.max_adapters if job.shape.workers == 1 else 1
+        worker.capacity = capacity
         companions = [other for other in self.queue if other != name and self.jobs[other].group == job.group][: capacity - 1]
         for member in [name, *companions]:
             self.queue.remove(member)
-        worker = WorkerSet(id=f"w{next(self._worker_ids)}", shape=job.shape, group=job.group, capacity=capacity, placement=None)
-        worker.placement = reserve(job.shape, name=f"lorafleet-{self.record.name}-{worker.id}")
-        self.workers[worker.id] = self.placing = worker
-        self.record.workers[worker.id] = {"slots": job.shape.workers, "jobs": [], "requested_at": time.time(), "state": PLACING}
-        self._assign(worker, [name, *companions])
-        self.waiting[worker.placement.ready()] = (worker.id, "placed", 0)
+        self._assign(worker, [name, *companions], "next")
         return True
 
-    def _assign(self, worker: WorkerSet, names: list[str]) -> None:
-        """New attempts of `names` on `worker`: sent now to a running worker, or kept for its start."""
+    def _place(self, shape: JobShape) -> WorkerSet:
+        """Ask Ray for a new worker set's placement group (one at a time, on a node known to have room)."""
+        worker_id = f"w{next(self._worker_ids)}"
+        worker = WorkerSet(id=worker_id, shape=shape, group=(), capacity=1, placement=reserve(shape, name=f"lorafleet-{self.record.name}-{worker_id}"))
+        self.workers[worker.id] = self.placing = worker
+        self.record.workers[worker.id] = {"slots": shape.workers, "jobs": [], "requested_at": time.time(), "state": PLACING}
+        self.waiting[worker.placement.ready()] = (worker.id, "placed", 0)
+        return worker
+
+    def _assign(self, worker: WorkerSet, names: list[str], kind: str) -> None:
+        """New attempts of `names` on `worker`: sent now to a running worker ("join" into its pack, or
+        "next" pack), or kept for its start."""
         now = time.time()
         for name in names:
             entry = self.record.jobs[name]
             entry.attempts.append(Attempt(number=entry.attempt + 1, submitted_at=now, worker=worker.id))
             if worker.state != PLACING:
                 entry.attempts[-1].placed_at = now
+                entry.attempts[-1].workers = [worker.infos[rank] for rank in sorted(worker.infos)]
             entry.state, entry.ended_at, entry.worker = (STARTING if worker.state != PLACING else PLACING), None, worker.id
+            entry.node = worker.infos[0]["node_ip"] if worker.infos else None
             worker.jobs.add(name)
             self.record.workers[worker.id]["jobs"].append(name)
             self.changed.add(name)
         if worker.state == RUNNING:
-            worker.actors[0].assign.remote([(self.jobs[n].config, self.record.jobs[n].attempt) for n in names])
+            assignments = [(self.jobs[n].config, self.record.jobs[n].attempt) for n in names]
+            for actor in worker.actors:
+                actor.assign.remote(kind, assignments)
         else:
             worker.first_jobs += names
         self._dirty = True
@@ -299,18 +316,24 @@ class FleetRunner:
                 continue
             worker.state = "closing"
             self.record.workers[worker.id]["state"] = "closing"
-            worker.actors[0].close.remote()
+            for actor in worker.actors:
+                actor.close.remote()
 
     # ------------------------------------------------------------------ Ray answers
-    def _ready_refs(self) -> list[Any]:
-        if not self.waiting:
-            time.sleep(self.refresh_s)
-            return []
-        refs = list(self.waiting)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=self.refresh_s)
+    def _wait(self) -> tuple[list, list[Any]]:
+        """The reports and the Ray answers that are ready: wait until a job starts or ends, a placement
+        group is ready, a worker answers or ends, or `refresh_s` passes."""
+        if self.collecting is None:
+            self.collecting = self.sink.collect.remote(self.refresh_s)
+        refs = [self.collecting, *self.waiting]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=self.refresh_s * 2)
         if ready:  # take everything else that is ready too, without waiting
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        return ready
+        reports = []
+        if self.collecting in ready:
+            reports = ray.get(self.collecting)
+            self.collecting = None
+        return reports, [ref for ref in ready if ref in self.waiting]
 
     def _handle(self, ready: list[Any]) -> None:
         for ref in ready:
@@ -365,14 +388,13 @@ class FleetRunner:
         assignments = [(self.jobs[n].config, self.record.jobs[n].attempt) for n in worker.first_jobs]
         worker.runs_pending = worker.shape.workers
         for rank, actor in enumerate(worker.actors):
-            # Rolling joins only for pack workers; a 2-GPU job's two workers train that one job.
-            call = actor.run.remote(assignments, distributed_env(rank, infos), self.sink, self.workdir, worker.shape.workers == 1)
+            call = actor.run.remote(assignments, distributed_env(rank, infos), self.sink, self.workdir)
             self.waiting[call] = (worker.id, "run", rank)
         self._dirty = True
 
     def _run_done(self, worker: WorkerSet, outcomes: dict[str, Any]) -> None:
-        """A worker's run returned: it was closed, or (one job, several workers) the job ended. Jobs whose
-        end the reports did not show yet take it from the returned outcomes."""
+        """A worker's run returned: it was closed. Jobs whose end the reports did not show yet take it from
+        the returned outcomes."""
         worker.runs_pending -= 1
         for name, outcome in outcomes.items():
             if name in worker.jobs:

@@ -55,6 +55,7 @@ class JobRecord:
     adapter_dir: str | None = None
     error: str | None = None
     result: dict[str, Any] | None = None
+    passed_by: list[str] = field(default_factory=list)  # later jobs that started while this one waited at the head (backfill)
 
     @property
     def attempt(self) -> int:

@@ -19,6 +19,7 @@ Why own actors and placement groups rather than Ray Train's TorchTrainer:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import socket
@@ -45,16 +46,26 @@ def release(group: PlacementGroup | None) -> None:
 
 @ray.remote(num_cpus=0)
 class ProgressSink:
-    """Collects the workers' reports (step metrics and job events); the driver drains it each tick.
-    Reports from one worker arrive in order."""
+    """Collects the workers' reports (step metrics and job events). The driver keeps one collect() call
+    waiting: it returns at once when a job starts or ends (so a free slot is filled without waiting for
+    a tick), else after `timeout_s` with the step metrics gathered meanwhile. Reports from one worker
+    arrive in order. (An async actor: report() calls are not held up by a waiting collect().)"""
 
     def __init__(self) -> None:
         self._pending: list[tuple[str, int, dict[str, Any]]] = []
+        self._event = asyncio.Event()
 
-    def report(self, job: str, attempt: int, metrics: dict[str, Any]) -> None:
+    async def report(self, job: str, attempt: int, metrics: dict[str, Any]) -> None:
         self._pending.append((job, attempt, metrics))
+        if "event" in metrics:
+            self._event.set()
 
-    def drain(self) -> list[tuple[str, int, dict[str, Any]]]:
+    async def collect(self, timeout_s: float) -> list[tuple[str, int, dict[str, Any]]]:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        self._event.clear()
         pending, self._pending = self._pending, []
         return pending
 
@@ -69,7 +80,11 @@ def train_pack(configs: list, report: Callable[[dict], None] | None, joins: Call
 
 @ray.remote(max_restarts=0, max_concurrency=2)  # two threads: assign() and close() arrive while run() trains
 class FleetWorker:
-    """One training process: rank `rank` of a job set of `world_size` workers; lives until closed or killed."""
+    """One training process holding one bundle: rank `rank` of a worker set of `world_size`.
+
+    It trains one pack after another until closed. The scheduler sends work with assign(): a "join"
+    adds jobs to the pack in progress (same base, no reload); a "next" starts a new pack once the
+    current one has ended (another base or config group, same process)."""
 
     def __init__(self, rank: int, world_size: int, body: Callable | None = None) -> None:
         self.rank, self.world_size = rank, world_size
@@ -94,9 +109,9 @@ class FleetWorker:
             "port": port,
         }
 
-    def run(self, assignments: list[tuple[Any, int]], env: dict[str, str], sink: Any, workdir: str, joins: bool) -> dict[str, Any]:
-        """Train `assignments` ((config, attempt) pairs) and, with `joins`, whatever assign() adds, until close().
-        Returns each job's outcome: a JobResult as a dict, or {"error": ...}.
+    def run(self, assignments: list[tuple[Any, int]], env: dict[str, str], sink: Any, workdir: str) -> dict[str, Any]:
+        """Train `assignments` ((config, attempt) pairs) as a pack, then every pack that assign("next", ...)
+        sends, until close(). Returns each job's outcome: a JobResult as a dict, or {"error": ...}.
 
         Relative paths in the configs are the driver's: work from its directory when this node has it
         (always on the driver's node; elsewhere on a shared file system). A node without it keeps its
@@ -104,20 +119,25 @@ class FleetWorker:
         os.environ.update(env)
         if os.path.isdir(workdir):
             os.chdir(workdir)
-        configs = self._accept(assignments)
 
         def report(metrics: dict[str, Any]) -> None:
             job = metrics["job"]
             sink.report.remote(job, self.attempts.get(job, 0), metrics)  # fire and forget: a step never waits on the driver
 
-        outcomes = self.body(configs, report if self.rank == 0 else None, self._joins if joins else None)
-        return {name: (outcome.to_dict() if hasattr(outcome, "to_dict") else {"error": str(outcome)}) for name, outcome in outcomes.items()}
+        outcomes: dict[str, Any] = {}
+        pack = self._accept(assignments)
+        while pack:
+            done = self.body(pack, report if self.rank == 0 else None, self._joins if self.world_size == 1 else None)
+            outcomes.update({name: (o.to_dict() if hasattr(o, "to_dict") else {"error": str(o)}) for name, o in done.items()})
+            pack = self._next_pack()
+        return outcomes
 
-    def assign(self, assignments: list[tuple[Any, int]]) -> None:
-        self.inbox.put(assignments)
+    def assign(self, kind: str, assignments: list[tuple[Any, int]]) -> None:
+        """kind "join": into the pack in progress; "next": the pack to start when this one ends."""
+        self.inbox.put((kind, assignments))
 
     def close(self) -> None:
-        """No more work: the pack ends once its running jobs are done."""
+        """No more work: run() returns once the pack in progress has ended."""
         self.inbox.put(None)
 
     def _accept(self, assignments: list[tuple[Any, int]]) -> list:
@@ -126,8 +146,8 @@ class FleetWorker:
         return [config for config, _ in assignments]
 
     def _joins(self, running: list[str]) -> list:
-        """New jobs between steps. With jobs running, take whatever is waiting; with none, wait for an
-        assignment or close() (the scheduler decides within a tick whether this worker gets more work)."""
+        """Jobs joining the pack in progress, between steps. With jobs running, whatever joins are waiting;
+        with none, wait for the scheduler's word: a join continues this pack, anything else ends it."""
         taken: list = []
         block = not running
         while True:
@@ -135,10 +155,22 @@ class FleetWorker:
                 item = self.inbox.get(block=block)
             except queue.Empty:
                 return taken
-            if item is None:
+            if item is None or item[0] != "join":
+                self._putback(item)  # a next pack, or the close: for _next_pack
                 return taken
-            taken += self._accept(item)
+            taken += self._accept(item[1])
             block = False
+
+    def _next_pack(self) -> list:
+        """The next pack's jobs, waiting for the scheduler; [] when it closes this worker."""
+        item = self.inbox.get()
+        return [] if item is None else self._accept(item[1])  # a join that came as its pack ended starts one of its own
+
+    def _putback(self, item) -> None:
+        """Return an item to the front of the inbox (only this worker's own threads read it)."""
+        with self.inbox.mutex:
+            self.inbox.queue.appendleft(item)
+            self.inbox.not_empty.notify()
 
 
 def start_workers(shape: JobShape, group: PlacementGroup, body: Callable | None) -> list[Any]:

@@ -1,0 +1,225 @@
+"""The scheduler at scale: --jobs queued jobs on a simulated cluster of --nodes x --gpus fake GPUs.
+
+Everything real runs: the scheduler (cluster.fleet.FleetRunner), Ray placement groups and worker actors
+on a `ray.cluster_utils.Cluster` (one raylet per node, all on this machine), fleet.json, the TensorBoard
+scalars and the plain-log live view (written to a file). The only stand-in is the job body: each worker
+sleeps `--steps` x `--step-s` seconds per job and reports its steps (cluster.simulation.sleeping_pack).
+Packing is off (max_adapters 1), so a slot's time is one job's; a worker whose job ends takes the next
+queued job of its shape (rolling joins) without a new process.
+
+Measured, for a fleet of 1-GPU jobs:
+- scheduler overhead per job: (makespan − jobs × sleep / slots) / jobs, the ideal being a perfect packing
+  of the sleeps on the slots with no start-up at all (worker processes starting is part of the overhead);
+- placement latency: asking Ray for a worker's placement group to its being ready;
+- the driver's CPU time; the size of fleet.json and the time to write it;
+- that every job ran exactly once (one attempt, finished) and none was lost.
+And for a mixed fleet (every --mixed-every-th job needs 2 GPUs on one node) with backfill and without
+(backfill 0: strict fleet order): the fleet efficiency Σ(job time x slots) / (makespan x slots of the cluster).
+
+    .venv/bin/python benchmarks/fleet_scale.py [--jobs 1000] [--nodes 16] [--gpus 4] [--steps 10] [--step-s 0.5]
+
+Writes benchmarks/results/fleet_scale.{json,md,png} atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import describe, machine_description  # noqa: E402
+from schema.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def fleet_jobs(count: int, run_dir: Path, steps: int, mixed_every: int | None) -> list:
+    from cluster.capacity import job_shape
+    from cluster.fleet import FleetJob
+    from schema.job import JobConfig
+
+    jobs = []
+    for index in range(count):
+        gpus = 2 if mixed_every and index % mixed_every == mixed_every - 1 else 1
+        config = JobConfig.model_validate({
+            "name": f"j{index:04d}", "model": "simulated", "data": {"train": {"path": "simulated.jsonl"}},
+            "train": {"max_steps": steps}, "resources": {"gpus_per_job": gpus, "max_failures": 0}, "output_dir": str(run_dir / f"j{index:04d}"),
+        })
+        jobs.append(FleetJob(config=config, shape=job_shape(config.resources, cluster_has_gpus=True), max_failures=0))
+    return jobs
+
+
+def run_fleet(args: argparse.Namespace, nodes: list, work: Path, name: str, mixed_every: int | None, backfill: int | None) -> dict[str, Any]:
+    from rich.console import Console
+
+    from cluster.fleet import FleetRunner
+    from cluster.simulation import sleeping_pack
+    from cluster.view import LogLinesView
+
+    run_dir = work / name
+    jobs = fleet_jobs(args.jobs, run_dir, args.steps, mixed_every)
+    slots = int(sum(node.gpus for node in nodes))
+    with (work / f"{name}.log").open("w") as log:
+        view = LogLinesView(Console(file=log, width=200))
+        runner = FleetRunner(
+            name, jobs, run_dir, nodes, view, slots=slots, max_adapters=1, backfill=backfill,
+            body=functools.partial(sleeping_pack, step_s=args.step_s),
+        )
+        cpu_before, wall_before = time.process_time(), time.time()
+        record = runner.run()
+        cpu_s, wall_s = time.process_time() - cpu_before, time.time() - wall_before
+    write_times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        path = record.write()
+        write_times.append(time.perf_counter() - started)
+    sleep_s = args.steps * args.step_s
+    job_slot_time = sum(
+        (a.ended_at - a.running_at) * job.workers for job in record.jobs.values() for a in job.attempts if a.running_at and a.ended_at
+    )
+    makespan = record.summary["makespan_s"]
+    placements = [w["placed_at"] - w["requested_at"] for w in record.workers.values() if w.get("placed_at")]
+    slot_need = sum(job.workers for job in record.jobs.values())
+    ideal = slot_need * sleep_s / slots
+    return {
+        "name": name,
+        "jobs": args.jobs,
+        "two_gpu_jobs": sum(job.workers == 2 for job in record.jobs.values()),
+        "backfill": runner.backfill,
+        "slots": slots,
+        "makespan_s": makespan,
+        "ideal_s": ideal,
+        "overhead_per_job_s": (makespan - ideal) / args.jobs,
+        "efficiency": job_slot_time / (makespan * slots),
+        "driver_cpu_s": cpu_s,
+        "driver_wall_s": wall_s,
+        "placement_latency_s": {"median": statistics.median(placements), "p95": sorted(placements)[int(0.95 * (len(placements) - 1))], "max": max(placements), "count": len(placements)},
+        "worker_starts": len(record.workers),
+        "fleet_json_bytes": path.stat().st_size,
+        "fleet_json_write_s": statistics.median(write_times),
+        "all_finished": all(job.state == "finished" for job in record.jobs.values()),
+        "each_ran_once": all(len(job.attempts) == 1 for job in record.jobs.values()),
+        "max_passes_per_head": max((len(job.passed_by) for job in record.jobs.values()), default=0),
+        "timeline": [
+            [int(job_name[1:]), a.running_at - record.started_at, a.ended_at - record.started_at, job.workers]
+            for job_name, job in record.jobs.items()
+            for a in job.attempts
+            if a.running_at and a.ended_at
+        ],
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# The scheduler at scale (simulated cluster)",
+        "",
+        f"Machine: {describe(result['machine'])}; Ray {result['ray']}.",
+        f"Command: `{result['command']}` ({result['date']}).",
+        f"Cluster: `ray.cluster_utils.Cluster`, {result['settings']['nodes']} nodes x {result['settings']['gpus']} fake GPUs "
+        f"({result['settings']['nodes'] * result['settings']['gpus']} slots), all on this machine. Each job sleeps "
+        f"{result['settings']['steps']} x {result['settings']['step_s']} s in its worker (the only stand-in); max_adapters 1.",
+        "",
+        "| fleet | jobs (2-GPU) | backfill | makespan (s) | ideal (s) | overhead per job (ms) | efficiency | placement latency median / p95 (ms) | worker starts | driver CPU (s) | fleet.json | write (ms) | every job once |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in result["runs"]:
+        lat = run["placement_latency_s"]
+        lines.append(
+            f"| {run['name']} | {run['jobs']} ({run['two_gpu_jobs']}) | {run['backfill']} | {run['makespan_s']:.1f} | {run['ideal_s']:.1f} | "
+            f"{1000 * run['overhead_per_job_s']:.1f} | {run['efficiency']:.3f} | {1000 * lat['median']:.0f} / {1000 * lat['p95']:.0f} | {run['worker_starts']} | "
+            f"{run['driver_cpu_s']:.1f} | {run['fleet_json_bytes'] / 1024:.0f} KiB | {1000 * run['fleet_json_write_s']:.1f} | "
+            f"{'yes' if run['all_finished'] and run['each_ran_once'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "- overhead per job = (makespan − ideal) / jobs, ideal = Σ slots x sleep / cluster slots: a perfect packing with no start-up.",
+        "- efficiency = Σ(job running time x its slots) / (makespan x cluster slots).",
+        f"- Targets: overhead < 50 ms per job; every job once; efficiency ≥ 0.9 with backfill. {result['verdict']}",
+        "",
+        "![timelines](fleet_scale.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    runs = result["runs"]
+    figure = Figure(figsize=(6 * len(runs), 4.5))
+    for index, run in enumerate(runs):
+        axis = figure.add_subplot(1, len(runs), index + 1)
+        for job, start, end, workers in run["timeline"]:
+            axis.plot([start, end], [job, job], color="tab:red" if workers == 2 else "tab:blue", linewidth=1.5 if workers == 2 else 0.6)
+        axis.set(xlabel="seconds since the fleet started", ylabel="job (fleet order)", title=f"{run['name']}: efficiency {run['efficiency']:.2f}")
+        axis.invert_yaxis()
+    figure.suptitle("when each job ran (blue: 1 GPU, red: 2 GPUs on one node)")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--gpus", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--step-s", type=float, default=0.5)
+    parser.add_argument("--mixed-every", type=int, default=4, help="every n-th job needs 2 GPUs in the mixed fleets")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.session import ray_nodes
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    for _ in range(args.nodes):
+        cluster.add_node(num_cpus=args.gpus, num_gpus=args.gpus)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    nodes = [node for node in ray_nodes() if node.gpus > 0]
+    runs = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
+            for name, mixed, backfill in (("uniform", None, None), ("mixed, backfill", args.mixed_every, None), ("mixed, no backfill", args.mixed_every, 0)):
+                runs.append(run_fleet(args, nodes, Path(tmp), name.replace(", ", "-").replace(" ", "-"), mixed, backfill))
+                runs[-1]["name"] = name
+                print(json.dumps({k: v for k, v in runs[-1].items() if k != "timeline"}), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    uniform, with_backfill = runs[0], runs[1]
+    met = uniform["overhead_per_job_s"] < 0.05 and all(r["all_finished"] and r["each_ran_once"] for r in runs) and with_backfill["efficiency"] >= 0.9
+    result = {
+        "machine": machine_description(),
+        "ray": ray.__version__,
+        "command": " ".join(["python", "benchmarks/fleet_scale.py", *argv]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": vars(args) | {"out": str(args.out)},
+        "runs": runs,
+        "verdict": "All three targets met." if met else "Not every target was met: see the rows above.",
+    }
+    write_json_atomic(args.out / "fleet_scale.json", result)
+    write_text_atomic(args.out / "fleet_scale.md", markdown(result))
+    plot(result, args.out / "fleet_scale.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

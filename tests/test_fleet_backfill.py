@@ -1,0 +1,86 @@
+"""The scheduler on a simulated cluster (ray.cluster_utils.Cluster, fake GPUs), with a worker body that
+sleeps instead of training: backfill, its bound, whole-node placement of 2-GPU jobs, packs."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from rich.console import Console
+
+from cluster.capacity import job_shape
+from cluster.fleet import FleetJob, FleetRunner
+from cluster.session import ray_nodes
+from cluster.simulation import sleeping_pack
+from cluster.view import LogLinesView
+from schema.job import JobConfig
+
+
+@pytest.fixture(scope="module")
+def two_nodes_of_two_gpus():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield ray_nodes()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def fleet(tmp_path: Path, gpus: list[int], steps: list[int]) -> list[FleetJob]:
+    jobs = []
+    for index, (count, max_steps) in enumerate(zip(gpus, steps)):
+        config = JobConfig.model_validate({
+            "name": f"j{index}", "model": "unused", "data": {"train": {"path": "unused.jsonl"}},
+            "train": {"max_steps": max_steps}, "resources": {"gpus_per_job": count}, "output_dir": str(tmp_path / f"j{index}"),
+        })
+        jobs.append(FleetJob(config=config, shape=job_shape(config.resources, cluster_has_gpus=True), max_failures=0))
+    return jobs
+
+
+def run(tmp_path: Path, nodes, jobs: list[FleetJob], **options):
+    view = LogLinesView(Console(file=io.StringIO(), width=200))
+    runner = FleetRunner("sim", jobs, tmp_path / "run", nodes, view, slots=4, body=functools.partial(sleeping_pack, step_s=0.05), **options)
+    return runner.run()
+
+
+# A 2-GPU job behind single-GPU ones: while it waits for two GPUs on one node, later jobs may backfill.
+GPUS = [1, 1, 1, 2, 1, 1, 1, 1, 2, 1, 1, 1]
+STEPS = [30, 6, 12, 4, 6, 8, 6, 10, 4, 6, 8, 6]
+
+
+def test_backfill_is_bounded_and_no_job_starves(two_nodes_of_two_gpus, tmp_path):
+    record = run(tmp_path, two_nodes_of_two_gpus, fleet(tmp_path, GPUS, STEPS), max_adapters=1, backfill=2)
+    assert record.state == "finished" and all(job.state == "finished" for job in record.jobs.values())
+    assert all(len(job.attempts) == 1 for job in record.jobs.values())  # every job ran exactly once
+    assert all(len(job.passed_by) <= 2 for job in record.jobs.values())  # the rule: at most 2 passes per waiting head
+    assert any(job.passed_by for job in record.jobs.values())  # and backfill did happen
+    order = sorted(record.jobs, key=lambda name: record.jobs[name].attempts[0].submitted_at)
+    for name, job in record.jobs.items():  # whoever started before a job, from later in the fleet, is in its passed_by
+        index = int(name[1:])
+        earlier_starts = {other for other in order[: order.index(name)] if int(other[1:]) > index}
+        assert earlier_starts <= set(job.passed_by) | {p for j in record.jobs.values() for p in j.passed_by}, name
+    for name in ("j3", "j8"):  # the 2-GPU jobs: two workers, one node
+        workers = record.jobs[name].attempts[0].workers
+        assert len(workers) == 2 and workers[0]["node_id"] == workers[1]["node_id"], workers
+
+
+def test_backfill_zero_keeps_strict_fleet_order(two_nodes_of_two_gpus, tmp_path):
+    record = run(tmp_path, two_nodes_of_two_gpus, fleet(tmp_path, GPUS[:8], STEPS[:8]), max_adapters=1, backfill=0)
+    starts = [record.jobs[f"j{i}"].attempts[0].submitted_at for i in range(8)]
+    assert starts == sorted(starts) and all(not job.passed_by for job in record.jobs.values())
+
+
+def test_packs_and_rolling_joins_on_gpus(two_nodes_of_two_gpus, tmp_path):
+    # Two slots for ten jobs in packs of three: six start at once, the other four join as jobs end.
+    record = run(tmp_path, two_nodes_of_two_gpus, fleet(tmp_path, [1] * 10, [6, 8, 4, 10, 6, 8, 4, 6, 10, 4]), max_adapters=3, max_concurrent=2)
+    assert all(job.state == "finished" and len(job.attempts) == 1 for job in record.jobs.values())
+    assert len(record.workers) == 2 and sum(len(w["jobs"]) for w in record.workers.values()) == 10
+    assert record.summary["worker_starts"] == len(record.workers)
