@@ -94,6 +94,7 @@ from launch import cli_fleet; cli_fleet.register(app)  # noqa: E402,E702
 from launch import cli_eval; cli_eval.register(app)  # noqa: E402,E702
 from launch import cli_compose; cli_compose.register(app)  # noqa: E402,E702
 from launch import cli_report; cli_report.register(app)  # noqa: E402,E702
+from launch import cli_generate; cli_generate.register(app)  # noqa: E402,E702
 
 
 def main() -> None:

@@ -120,6 +120,13 @@ class EvalConfig(Section):
 class CheckpointConfig(Section):
     every: Int = Field(50, ge=0, description="Write a checkpoint every this many steps (0: only at the end).")
     keep: Int = Field(2, ge=1, description="Keep the newest this many checkpoints.")
+    select: Literal["last", "best_eval_loss"] = Field(
+        "last",
+        description=(
+            "Which adapter becomes adapter/: the last step's, or the one at the evaluation with the lowest eval/loss "
+            "(kept in checkpoints/best/ as training goes; final.json names its step). best_eval_loss needs data.eval."
+        ),
+    )
 
 
 class LwfConfig(Section):
@@ -188,6 +195,8 @@ class JobConfig(Section):
     def _method_fits_resources(self) -> JobConfig:
         if self.lora.method == "adalora" and self.resources.gpus_per_job > 1:
             raise ValueError("lora.method adalora runs on one worker only; set resources.gpus_per_job: 1 (or 0 on CPU)")
+        if self.checkpoint.select == "best_eval_loss" and self.data.eval is None:
+            raise ValueError("checkpoint.select best_eval_loss needs an eval/loss: add data.eval, or set checkpoint.select: last")
         return self
 
     def to_yaml(self) -> str:
@@ -197,7 +206,7 @@ class JobConfig(Section):
 
 
 # Fields that do not change a job's results: a resumed run may differ in these.
-RESULT_NEUTRAL_FIELDS = ("name", "output_dir", "resources", "packing", "checkpoint", "eval", "train.log_every")
+RESULT_NEUTRAL_FIELDS = ("name", "output_dir", "resources", "packing", "checkpoint.every", "checkpoint.keep", "eval", "train.log_every")
 
 
 def pack_key(job: JobConfig) -> tuple:

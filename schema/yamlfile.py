@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def read_yaml_text(text: str, source: str) -> tuple[Any, Locations]:
     try:
         document = _yaml().load(text)
     except MarkedYAMLError as err:
-        raise ConfigError(_yaml_problem(err, source)) from None
+        raise ConfigError(_yaml_problem(err, source, text)) from None
     except YAMLError as err:
         raise ConfigError(Problem(f"not valid YAML: {err}", file=source, fix="correct the YAML syntax")) from None
     locations = Locations(source)
@@ -100,14 +101,14 @@ def dump_yaml(data: Any) -> str:
     return stream.getvalue()
 
 
-def _yaml_problem(err, source: str) -> Problem:
+def _yaml_problem(err, source: str, text: str) -> Problem:
     from ruamel.yaml.constructor import DuplicateKeyError
 
     mark = err.problem_mark or err.context_mark
     line = mark.line + 1 if mark is not None else None
     if isinstance(err, DuplicateKeyError):
-        first = err.context_mark.line + 1 if err.context_mark is not None else None
         key = str(err.problem).split('"')[1] if '"' in str(err.problem) else "a key"
+        first = _first_line_of_key(text, key, err.context_mark.line if err.context_mark is not None else 0, err.problem_mark)
         return Problem(
             f"the key '{key}' is written twice in one mapping (lines {first} and {line}); YAML keeps only one of them",
             file=source,
@@ -118,6 +119,21 @@ def _yaml_problem(err, source: str) -> Problem:
     context = (err.context or "").strip()
     message = "not valid YAML: " + "; ".join(part for part in (context, problem) if part)
     return Problem(message, file=source, line=line, fix="correct the YAML syntax on that line")
+
+
+def _first_line_of_key(text: str, key: str, mapping_line: int, duplicate: Any) -> int:
+    """The 1-based line where `key` is first written in its mapping (ruamel marks the mapping's start,
+    not the first occurrence): in a block mapping, the first line from the mapping's start that writes the
+    key at the duplicate's column; in a flow mapping, the duplicate's own line."""
+    lines = text.splitlines()
+    if duplicate is None:
+        return mapping_line + 1
+    column = duplicate.column
+    for index in range(mapping_line, duplicate.line):
+        line = lines[index]
+        if line[:column].strip() in ("", "-") and re.match(rf"{re.escape(key)}\s*:", line[column:]):
+            return index + 1
+    return duplicate.line + 1
 
 
 def _plain(node: Any, path: tuple, locations: Locations, source: str) -> Any:

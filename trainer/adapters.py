@@ -148,9 +148,13 @@ def save_adapter(model: PeftModel, name: str, directory: Path, metadata: dict) -
     (directory / ADAPTER_METADATA).write_text(json_text(metadata))
 
 
-def adapter_metadata(base: dict, quant: QuantConfig, job: str) -> dict:
-    """What lorafleet.json records (and lorafleet reads back to load an adapter without being told its base)."""
-    return {"format": 1, "lorafleet_version": lorafleet_version(), "job": job, "base": base, "quant": quant.model_dump(mode="json"), "precision": precision_name(quant)}
+def adapter_metadata(base: dict, quant: QuantConfig, job: str, template: str) -> dict:
+    """What lorafleet.json records (and lorafleet reads back to load an adapter without being told its base,
+    and to prompt it as it was trained: `template` is the job's data.template)."""
+    return {
+        "format": 1, "lorafleet_version": lorafleet_version(), "job": job, "base": base,
+        "quant": quant.model_dump(mode="json"), "precision": precision_name(quant), "template": template,
+    }
 
 
 def precision_name(quant: QuantConfig) -> str:

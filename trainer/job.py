@@ -9,7 +9,9 @@ jobs share: the base model and the forward and backward passes.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from data_pipeline import DataError, build_eval_batches, build_train_stream
-from schema.atomic import atomic_directory, write_json_atomic, write_text_atomic
+from schema.atomic import atomic_directory, json_text, write_json_atomic, write_text_atomic
 from schema.job import JobConfig
 from schema.jobdir import JobDir
 from schema.loading import load_tasks
@@ -32,6 +34,8 @@ from trainer.losses import MODEL_INPUTS, LossTerms, needs_teacher, token_cross_e
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.packing import DropoutClock
 from trainer.tracking import Tracker, peak_memory_bytes
+
+BEST = "best"  # checkpoints/best/: the adapter with the lowest eval/loss so far (checkpoint.select best_eval_loss)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class JobResult:
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     corrupt_checkpoints: list[str] = field(default_factory=list)
+    selected_step: int | None = None  # checkpoint.select best_eval_loss: the step whose adapter is adapter/
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -137,6 +142,7 @@ class AdapterJob:
         self.train_loss: float | None = None
         self.eval_metrics: dict[str, float] = {}
         self.skipped_steps = 0
+        self.best: dict[str, Any] | None = None  # {step, metrics} of the lowest eval/loss so far (select: best_eval_loss)
         self.resumed_from = resume.step
         self.last_checkpoint = resume.step
         if resume.path is not None:
@@ -272,6 +278,8 @@ class AdapterJob:
         evaluation, checkpoint = self.config.eval, self.config.checkpoint
         if self.done or (evaluation.every and self.step % evaluation.every == 0):
             self.eval_metrics = self.evaluate(self.step)
+            if checkpoint.select == "best_eval_loss" and (self.best is None or self.eval_metrics["eval/loss"] < self.best["metrics"]["eval/loss"]):
+                self.keep_best()
         if self.done or (checkpoint.every and self.step % checkpoint.every == 0):
             self.write_checkpoint()
 
@@ -293,6 +301,18 @@ class AdapterJob:
         return metrics
 
     # -- checkpoints and results -------------------------------------------------------------------
+    def keep_best(self) -> None:
+        """This step's adapter is the best so far: it replaces checkpoints/best/ (adapter/ + best.json)."""
+        self.best = {"step": self.step, "metrics": self.eval_metrics}
+        if self.shared.world.is_main:
+            self._check_finite(f"the best adapter (step {self.step})")
+
+            def fill(staging: Path) -> None:
+                self.save_adapter(staging / "adapter")
+                (staging / "best.json").write_text(json_text(self.best))
+
+            atomic_directory(self.dir.checkpoints / BEST, fill)
+
     def _load(self, path: Path) -> None:
         world = self.shared.world
         try:
@@ -311,6 +331,11 @@ class AdapterJob:
         self.train_loss = trainer_state.get("train_loss")
         self.eval_metrics = trainer_state.get("eval_metrics", {})
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
+        self.best = trainer_state.get("best")
+        on_disk = self.dir.checkpoints / BEST / "best.json"
+        if on_disk.is_file() and (self.best is None or json.loads(on_disk.read_text())["step"] != self.best["step"]):
+            # Written after this checkpoint, by the run that crashed: the resumed run will choose again.
+            shutil.rmtree(self.dir.checkpoints / BEST)
 
     def write_checkpoint(self) -> None:
         world = self.shared.world
@@ -326,6 +351,7 @@ class AdapterJob:
                 "train_loss": self.train_loss,
                 "eval_metrics": self.eval_metrics,
                 "skipped_steps": self.skipped_steps,
+                "best": self.best,
                 "data": data_states,
             }
             move_shards = lambda tmp: shards.rename(tmp / "shards") if shards.exists() else None  # noqa: E731
@@ -337,7 +363,7 @@ class AdapterJob:
         world.barrier()
 
     def save_adapter(self, directory: Path) -> None:
-        save_adapter(self.shared.base.model, self.adapter, directory, adapter_metadata(self.shared.base_identity, self.config.quant, self.name))
+        save_adapter(self.shared.base.model, self.adapter, directory, adapter_metadata(self.shared.base_identity, self.config.quant, self.name, self.config.data.template))
 
     def _check_finite(self, what: str) -> None:
         bad = [name for name, p in self.parameters if not torch.isfinite(p).all()]
@@ -345,7 +371,10 @@ class AdapterJob:
             raise JobError(f"{what}: {len(bad)} adapter tensors are not finite (e.g. {bad[0]}); nothing was written")
 
     def finish(self) -> JobResult:
-        """Write adapter/, the hparams and final.json (last: its presence means the job finished)."""
+        """Write adapter/ (the last step's, or the best kept one), the hparams and final.json (last: its
+        presence means the job finished)."""
+        selected = self.best if self.config.checkpoint.select == "best_eval_loss" and self.best is not None else None
+        selected_metrics = selected["metrics"] if selected else self.eval_metrics
         result = JobResult(
             output_dir=self.dir.root,
             adapter_dir=self.dir.adapter,
@@ -353,17 +382,22 @@ class AdapterJob:
             tokens=self.tokens,
             wall_time_s=self.elapsed_s,
             train_loss=self.train_loss,
-            eval_loss=self.eval_metrics.get("eval/loss"),
+            eval_loss=selected_metrics.get("eval/loss"),
             initial_eval_loss=self.initial_eval_loss,
             peak_memory_bytes=peak_memory_bytes(),
             resumed_from_step=self.resumed_from,
-            metrics=self.eval_metrics,
+            metrics=selected_metrics,
             skipped_steps=self.skipped_steps,
             corrupt_checkpoints=self.corrupt,
+            selected_step=selected["step"] if selected else None,
         )
         if self.tracker is not None:
-            self._check_finite("the final adapter")
-            atomic_directory(self.dir.adapter, self.save_adapter)
+            if selected:
+                best_adapter = self.dir.checkpoints / BEST / "adapter"
+                atomic_directory(self.dir.adapter, lambda staging: shutil.copytree(best_adapter, staging, dirs_exist_ok=True))
+            else:
+                self._check_finite("the final adapter")
+                atomic_directory(self.dir.adapter, self.save_adapter)
             final_metrics = {"hparam/train_loss": self.train_loss, "hparam/eval_loss": result.eval_loss}
             self.tracker.log_hparams(_flatten(self.config.model_dump(mode="json")), {k: v for k, v in final_metrics.items() if v is not None})
             self.tracker.close()
