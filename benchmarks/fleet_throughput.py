@@ -1,11 +1,18 @@
-"""Fleet throughput: N tiny jobs run concurrently vs the same N jobs one after another, same machine, same run.
+"""Fleet throughput with packs: N short SmolLM2-135M QLoRA jobs on an embedded Ray cluster, run one
+process per job and packed with rolling joins, side by side in one run of this script.
 
-Reports the makespan ratio (sequential / concurrent), each job's start-up overhead (submit to first
-training step, split into waiting for a slot, starting the worker process, and loading model and data
-inside run_job), and the aggregate tokens/s of both modes. Both modes use one embedded Ray cluster,
-the same job configs and fresh output directories, so neither resumes anything.
+Both modes train the same jobs (the demo's arithmetic and sort_words tasks, alternating; ranks 8, 16 and 32;
+NF4 + double quantization; paged AdamW 8-bit; --steps steps each) on the same --slots CPU slots, into fresh
+output directories:
+- one process per job: every job gets a worker process of its own, which loads the base, trains, and ends
+  (`packing: {max_adapters: 1}`, workers not reused: what the scheduler did before packs);
+- packed: up to --max-adapters jobs share a worker and its base; when one ends, the next queued job joins
+  the same process without a new base load.
 
-    .venv/bin/python benchmarks/fleet_throughput.py [--jobs 4] [--steps 40] [--num-cpus 2]
+Reports the makespan ratio, aggregate tokens/s, worker processes started, and the start-up per job (from
+asking for a slot to the job's first step, split into waiting, worker start and the job's own start).
+
+    .venv/bin/python benchmarks/fleet_throughput.py [--jobs 16] [--steps 20] [--slots 2] [--max-adapters 4]
 
 Writes benchmarks/results/fleet_throughput.{json,md} atomically.
 """
@@ -14,60 +21,62 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import ray  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from cluster.capacity import job_shape, slot_count  # noqa: E402
-from cluster.config import ResourcesConfig  # noqa: E402
+from _common import describe, machine_description  # noqa: E402
+from cluster.capacity import job_shape  # noqa: E402
 from cluster.fleet import FleetJob, FleetRunner  # noqa: E402
-from cluster.records import FleetRecord, write_json_atomic  # noqa: E402
+from cluster.records import FleetRecord  # noqa: E402
 from cluster.session import ray_session  # noqa: E402
 from cluster.view import LogLinesView  # noqa: E402
-from launch.config import JobConfig  # noqa: E402
 from launch.demo_data import write_demo_data  # noqa: E402
-from tiny import make_tiny_model_dir  # noqa: E402
+from schema.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from schema.job import JobConfig  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+TASKS = ("arithmetic", "sort_words")
+RANKS = (8, 16, 32)
 
 
-def job_configs(work: Path, run_dir: Path, count: int, steps: int) -> list[JobConfig]:
-    model = work / "tiny-llama"
-    if not model.exists():
-        make_tiny_model_dir(model)
-    data = write_demo_data(work / "data", train_rows=200, val_rows=20)["arithmetic"]  # fits seq_len 64 with the tiny tokenizer
+def job_configs(run_dir: Path, args: argparse.Namespace) -> list[JobConfig]:
     return [
         JobConfig.model_validate(
             {
-                "name": f"job{i}",
-                "model": str(model),
-                "quant": {"bits": 4},
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "optim": {"name": "adamw", "lr": 2e-3},
-                "train": {"max_steps": steps, "micro_batch": 4, "grad_accum": 1, "seq_len": 64, "seed": i, "dtype": "fp32"},
-                "data": {"train": {"path": str(data / "train.jsonl")}},
+                "name": f"job{i:02d}",
+                "model": args.model,
+                "quant": {"bits": 4, "type": "nf4", "double_quant": True},
+                "lora": {"r": RANKS[i % len(RANKS)], "alpha": float(RANKS[i % len(RANKS)]), "dropout": 0.05, "targets": "attn"},
+                "optim": {"name": "paged_adamw_8bit", "lr": 1e-3},
+                "train": {"max_steps": args.steps, "micro_batch": 4, "grad_accum": 1, "seq_len": 128, "seed": i},
+                "data": {"train": {"path": str(ROOT / "examples" / "data" / TASKS[i % len(TASKS)] / "train.jsonl")}},
                 "eval": {"every": 0},
                 "checkpoint": {"every": 0},
-                "output_dir": str(run_dir / f"job{i}"),
+                "output_dir": str(run_dir / f"job{i:02d}"),
             }
         )
-        for i in range(count)
+        for i in range(args.jobs)
     ]
 
 
-def run_mode(configs: list[JobConfig], run_dir: Path, slots: int, max_concurrent: int | None) -> FleetRecord:
+def run_mode(args: argparse.Namespace, run_dir: Path, nodes: list, max_adapters: int, reuse_workers: bool) -> FleetRecord:
+    configs = job_configs(run_dir, args)
     jobs = [FleetJob(config=c, shape=job_shape(c.resources, cluster_has_gpus=False), max_failures=0) for c in configs]
-    view = LogLinesView(Console(stderr=True), progress_every_s=30)
-    record = FleetRunner(f"bench-{run_dir.name}", jobs, run_dir, slots=slots, view=view, max_concurrent=max_concurrent).run()
+    view = LogLinesView(Console(stderr=True), progress_every_s=60)
+    runner = FleetRunner(
+        f"bench-{run_dir.name}", jobs, run_dir, nodes, view, slots=args.slots, max_adapters=max_adapters, max_concurrent=args.slots, reuse_workers=reuse_workers
+    )
+    record = runner.run()
     failed = {name: job.error for name, job in record.jobs.items() if job.state != "finished"}
     if failed:
         raise SystemExit(f"benchmark jobs did not finish: {failed}")
@@ -75,99 +84,95 @@ def run_mode(configs: list[JobConfig], run_dir: Path, slots: int, max_concurrent
 
 
 def startup(record: FleetRecord) -> dict[str, float]:
-    """Mean seconds from submit to first step, and its parts, over the jobs of one mode."""
-    attempts = [job.attempts[-1] for job in record.jobs.values()]
-    parts = {
-        "wait_for_slot_s": [a.placed_at - a.submitted_at for a in attempts],
-        "worker_start_s": [a.running_at - a.placed_at for a in attempts],
-        "job_init_to_first_step_s": [a.first_step_at - a.running_at for a in attempts],
-        "placed_to_first_step_s": [a.first_step_at - a.placed_at for a in attempts],
-        "submit_to_first_step_s": [a.first_step_at - a.submitted_at for a in attempts],
-    }
+    """Mean seconds per job from asking for its slot to its first step, and the parts: waiting for the slot,
+    the worker process starting (zero for a job joining a running worker), and the job's own start (base load,
+    data, adapter) until its first step."""
+    workers = record.workers
+    parts: dict[str, list[float]] = {"wait_s": [], "worker_start_s": [], "job_start_s": [], "total_s": []}
+    for job in record.jobs.values():
+        attempt = job.attempts[-1]
+        worker = workers[attempt.worker]
+        ready = max(attempt.placed_at or attempt.submitted_at, worker.get("started_at") or attempt.submitted_at)
+        parts["wait_s"].append((attempt.placed_at or attempt.submitted_at) - attempt.submitted_at)
+        parts["worker_start_s"].append(ready - (attempt.placed_at or attempt.submitted_at))
+        parts["job_start_s"].append(attempt.first_step_at - ready)
+        parts["total_s"].append(attempt.first_step_at - attempt.submitted_at)
     return {name: statistics.mean(values) for name, values in parts.items()}
 
 
-def machine() -> str:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    gpus = f"{torch.cuda.device_count()} CUDA GPUs" if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), {gpus}"
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    args = parser.parse_args()
+    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--max-adapters", type=int, default=4)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp, ray_session(num_cpus=args.num_cpus, num_gpus=0) as nodes:
+    write_demo_data(ROOT / "examples" / "data")
+    from trainer.models import resolve_model_dir
+
+    resolve_model_dir(args.model)  # convert the GGUF once, before any timing
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp, ray_session(num_cpus=args.slots, num_gpus=0) as nodes:
         work = Path(tmp)
-        os.environ.setdefault("LORAFLEET_CACHE", str(work / "cache"))
-        slots = slot_count(nodes, ResourcesConfig())
         load_before = os.getloadavg()[0]
         started = time.time()
-        # Sequential first: it also warms the OS page cache for both, which favours the concurrent run
-        # only by what a second read of the same files saves (the tiny model is ~1 MB).
-        sequential = run_mode(job_configs(work, work / "sequential", args.jobs, args.steps), work / "sequential", slots, max_concurrent=1)
-        concurrent = run_mode(job_configs(work, work / "concurrent", args.jobs, args.steps), work / "concurrent", slots, max_concurrent=None)
+        separate = run_mode(args, work / "separate", nodes, max_adapters=1, reuse_workers=False)
+        packed = run_mode(args, work / "packed", nodes, max_adapters=args.max_adapters, reuse_workers=True)
         total_s = time.time() - started
-
+    modes = {"one process per job": separate, "packed, rolling joins": packed}
     result = {
         "benchmark": "fleet_throughput",
-        "machine": machine(),
+        "machine": machine_description(),
         "ray": ray.__version__,
-        "jobs": args.jobs,
-        "steps_per_job": args.steps,
-        "slots": slots,
-        "sequential": {**sequential.summary, "startup": startup(sequential)},
-        "concurrent": {**concurrent.summary, "startup": startup(concurrent)},
-        "makespan_ratio_sequential_over_concurrent": sequential.summary["makespan_s"] / concurrent.summary["makespan_s"],
-        "aggregate_tokens_per_s_ratio": concurrent.summary["aggregate_tokens_per_s"] / sequential.summary["aggregate_tokens_per_s"],
+        "command": " ".join(["python", "benchmarks/fleet_throughput.py", *argv]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": vars(args) | {"out": str(args.out)},
+        "modes": {name: {**record.summary, "startup": startup(record)} for name, record in modes.items()},
+        "makespan_ratio": separate.summary["makespan_s"] / packed.summary["makespan_s"],
+        "aggregate_tokens_per_s_ratio": packed.summary["aggregate_tokens_per_s"] / separate.summary["aggregate_tokens_per_s"],
         "benchmark_wall_s": total_s,
         # Other processes on the machine compete for the same cores; a load above the core count means they did.
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "fleet_throughput.json", result)
-    markdown = render(result)
-    tmp_md = RESULTS / ".fleet_throughput.md.tmp"
-    tmp_md.write_text(markdown)
-    tmp_md.replace(RESULTS / "fleet_throughput.md")
-    print(markdown)
+    write_json_atomic(args.out / "fleet_throughput.json", result)
+    text = render(result)
+    write_text_atomic(args.out / "fleet_throughput.md", text)
+    print(text)
 
 
 def render(result: dict) -> str:
-    seq, con = result["sequential"], result["concurrent"]
+    names = list(result["modes"])
+    a, b = (result["modes"][n] for n in names)
     rows = [
-        ("makespan (s)", f"{seq['makespan_s']:.1f}", f"{con['makespan_s']:.1f}"),
-        ("sum of job times (s)", f"{seq['job_time_s_sum']:.1f}", f"{con['job_time_s_sum']:.1f}"),
-        ("aggregate tokens/s", f"{seq['aggregate_tokens_per_s']:.1f}", f"{con['aggregate_tokens_per_s']:.1f}"),
-        ("mean wait for a slot (s)", f"{seq['startup']['wait_for_slot_s']:.2f}", f"{con['startup']['wait_for_slot_s']:.2f}"),
-        ("mean worker process start (s)", f"{seq['startup']['worker_start_s']:.2f}", f"{con['startup']['worker_start_s']:.2f}"),
-        ("mean run_job start to first step (s)", f"{seq['startup']['job_init_to_first_step_s']:.2f}", f"{con['startup']['job_init_to_first_step_s']:.2f}"),
-        ("mean placed to first step (s)", f"{seq['startup']['placed_to_first_step_s']:.2f}", f"{con['startup']['placed_to_first_step_s']:.2f}"),
-        ("mean submit to first step (s)", f"{seq['startup']['submit_to_first_step_s']:.2f}", f"{con['startup']['submit_to_first_step_s']:.2f}"),
+        ("makespan (s)", f"{a['makespan_s']:.1f}", f"{b['makespan_s']:.1f}"),
+        ("aggregate tokens/s", f"{a['aggregate_tokens_per_s']:.1f}", f"{b['aggregate_tokens_per_s']:.1f}"),
+        ("worker processes started", str(a["worker_starts"]), str(b["worker_starts"])),
+        ("mean wait for a slot (s)", f"{a['startup']['wait_s']:.1f}", f"{b['startup']['wait_s']:.1f}"),
+        ("mean worker process start (s)", f"{a['startup']['worker_start_s']:.1f}", f"{b['startup']['worker_start_s']:.1f}"),
+        ("mean job start to first step (s)", f"{a['startup']['job_start_s']:.1f}", f"{b['startup']['job_start_s']:.1f}"),
+        ("mean asking for a slot to first step (s)", f"{a['startup']['total_s']:.1f}", f"{b['startup']['total_s']:.1f}"),
     ]
-    lines = [
-        "# Fleet throughput",
+    settings = result["settings"]
+    return "\n".join([
+        "# Fleet throughput: one process per job against packs with rolling joins",
         "",
-        f"Machine: {result['machine']}; Ray {result['ray']}; {result['jobs']} tiny jobs x {result['steps_per_job']} steps; {result['slots']} slots; "
-        f"1-min load average {result['load_average_1min']['before']:.1f} before, {result['load_average_1min']['after']:.1f} after.",
+        f"Machine: {describe(result['machine'])}; Ray {result['ray']}; 1-min load average {result['load_average_1min']['before']:.1f} before, "
+        f"{result['load_average_1min']['after']:.1f} after.",
+        f"Command: `{result['command']}` ({result['date']}).",
+        f"{settings['jobs']} {settings['model']} QLoRA jobs (NF4 + double quantization, LoRA r 8/16/32 on q/k/v/o, paged AdamW 8-bit), "
+        f"{settings['steps']} steps of 4 x 128 tokens each, on {settings['slots']} CPU slots; packs of up to {settings['max_adapters']}.",
         "",
-        "| | one after another | concurrent |",
+        f"| | {names[0]} | {names[1]} |",
         "|---|---:|---:|",
-        *[f"| {label} | {a} | {b} |" for label, a, b in rows],
+        *[f"| {label} | {x} | {y} |" for label, x, y in rows],
         "",
-        f"Makespan ratio (sequential / concurrent): **{result['makespan_ratio_sequential_over_concurrent']:.2f}x**; "
-        f"aggregate tokens/s ratio: **{result['aggregate_tokens_per_s_ratio']:.2f}x**.",
+        f"Makespan ratio ({names[0]} / {names[1]}): **{result['makespan_ratio']:.2f}x**; aggregate tokens/s ratio: "
+        f"**{result['aggregate_tokens_per_s_ratio']:.2f}x** (target: makespan ≥ 1.5x better packed).",
         "",
-        "Start-up overhead is from asking Ray for the job's placement group to the job's first reported step: "
-        "waiting for a slot, then the worker process, then run_job's imports and model/data loading.",
-        "",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 if __name__ == "__main__":

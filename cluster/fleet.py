@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import signal
 import threading
 import time
@@ -58,7 +59,7 @@ from cluster.records import (
     read_fleet_record,
     summarize,
 )
-from cluster.tensorboard import FleetScalars
+from cluster.tensorboard import FleetScalars, prepare_serving
 from cluster.view import FleetView
 from cluster.worker import ProgressSink, distributed_env, release, reserve, start_workers, stop_workers
 from schema.job import JobConfig, pack_key
@@ -123,6 +124,7 @@ class FleetRunner:
         refresh_s: float = 0.25,
         record_every_s: float = 1.0,
         body: Callable | None = None,
+        reuse_workers: bool = True,
     ) -> None:
         self.jobs = {job.name: job for job in jobs}
         self.run_dir = Path(run_dir)
@@ -133,6 +135,9 @@ class FleetRunner:
         self.refresh_s = refresh_s
         self.record_every_s = record_every_s
         self.body = body  # the work of a worker; None: the trainer (cluster.worker.train_pack)
+        # False: a worker set ends with its first pack (one process per pack, the scheduler before rolling
+        # joins; benchmarks/fleet_throughput.py measures packs against it).
+        self.reuse_workers = reuse_workers
         self.capacity = {node.node_id: {"CPU": node.cpus, "GPU": node.gpus} for node in nodes}
         self.used = {node.node_id: {"CPU": 0.0, "GPU": 0.0} for node in nodes}
         self.earlier_summary: dict[str, Any] | None = None
@@ -191,6 +196,7 @@ class FleetRunner:
         self.sink = ProgressSink.remote()
         try:
             self._write_record(force=True)
+            prepare_serving(self.run_dir)  # `lorafleet tb` may serve the fleet while it runs
             self.view.update(self.record, set(self.record.jobs))
             self._schedule()
             while self.queue or self.workers:
@@ -216,6 +222,7 @@ class FleetRunner:
             self._write_record(force=True)
             scalars.log(self.record, force=True)
             scalars.close()
+            prepare_serving(self.run_dir)  # the HPARAMS columns of every job that ran
             ray.kill(self.sink)
             self.view.close(self.record)
         return self.record
@@ -244,14 +251,14 @@ class FleetRunner:
         job = self.jobs[name]
         joinable = next(
             (w for w in self.workers.values()
-             if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1),
+             if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1 and self.reuse_workers),
             None,
         )
         if joinable is not None:
             self.queue.remove(name)
             self._assign(joinable, [name], "join")
             return True
-        idle = next((w for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == job.shape), None)
+        idle = next((w for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == job.shape and self.reuse_workers), None)
         if idle is None and (self.placing is not None or not self._fits(job.shape) or self._at_slot_cap(job.shape)):
             return False
         worker = idle or self._place(job.shape)
@@ -387,8 +394,9 @@ class FleetRunner:
             entry.attempts[-1].workers, entry.node = infos, infos[0]["node_ip"]
         assignments = [(self.jobs[n].config, self.record.jobs[n].attempt) for n in worker.first_jobs]
         worker.runs_pending = worker.shape.workers
+        command = {"LORAFLEET_COMMAND": os.environ["LORAFLEET_COMMAND"]} if "LORAFLEET_COMMAND" in os.environ else {}
         for rank, actor in enumerate(worker.actors):
-            call = actor.run.remote(assignments, distributed_env(rank, infos), self.sink, self.workdir)
+            call = actor.run.remote(assignments, {**distributed_env(rank, infos), **command}, self.sink, self.workdir)
             self.waiting[call] = (worker.id, "run", rank)
         self._dirty = True
 

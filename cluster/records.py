@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,9 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
-        data = {k: v for k, v in data.items() if k != "attempt"}
-        data["attempts"] = [Attempt(**a) for a in data.get("attempts", [])]
+        data = {k: v for k, v in check_fields(cls, data).items() if k != "attempt"}
+        _check_figures(data.get("result") or {}, ("eval_loss", "initial_eval_loss"), f"{cls.__name__}.result")
+        data["attempts"] = [Attempt(**check_fields(Attempt, a)) for a in data.get("attempts", [])]
         return cls(**data)
 
 
@@ -105,7 +108,9 @@ class FleetRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FleetRecord:
-        data = {k: v for k, v in data.items() if k != "updated_at"}
+        data = {k: v for k, v in check_fields(cls, data).items() if k != "updated_at"}
+        summary = data.get("summary") or {}
+        _check_figures(summary, summary, f"{cls.__name__}.summary")
         data["jobs"] = {name: JobRecord.from_dict(job) for name, job in data.get("jobs", {}).items()}
         return cls(**data)
 
@@ -116,6 +121,59 @@ class FleetRecord:
 
     def count(self, *states: str) -> int:
         return sum(job.state in states for job in self.jobs.values())
+
+
+def check_fields(cls: type, data: Any) -> dict[str, Any]:
+    """`data` when it is a JSON object whose fields of `cls` have their declared types; raises TypeError
+    naming the first that does not, so a damaged or foreign fleet.json fails when read, not halfway through
+    printing a table. (Unknown and missing fields are refused by the constructor.)"""
+    if not isinstance(data, dict):
+        raise TypeError(f"a {cls.__name__} must be a JSON object, not {json.dumps(data)[:60]}")
+    declared = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if name in declared and not _has_type(value, declared[name]):
+            raise TypeError(f"{cls.__name__}.{name} = {json.dumps(value)[:60]} is not {_type_name(declared[name])}")
+    return data
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind in (int, float):  # JSON has one number type: 3 and 3.0 both stand for a step count or a time
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_dataclass(kind):
+        return isinstance(value, dict)  # its own fields are checked when it is built
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(item, args[1]) for item in value.values())
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is list:
+        return "a list" + ("" if args[0] is Any else f", each item {_type_name(args[0])}")
+    if origin is dict:
+        return "an object" + ("" if args[1] is Any else f", each value {_type_name(args[1])}")
+    if is_dataclass(kind):
+        return "an object"
+    return {str: "text", int: "a number", float: "a number", bool: "true or false", type(None): "null"}.get(kind, str(kind))
+
+
+def _check_figures(figures: dict[str, Any], keys: Any, where: str) -> None:
+    """The figures the job table and the summary print as numbers are numbers (or null, or a flag)."""
+    for key in keys:
+        value = figures.get(key)
+        if value is not None and not isinstance(value, (int, float)):
+            raise TypeError(f"{where}.{key} = {json.dumps(value)[:60]} is not a number")
 
 
 class FleetRecordError(ValueError):

@@ -104,9 +104,11 @@ def read_adapter(path: str | Path) -> Adapter:
         if not needed.is_file():
             raise AdapterError(f"{path}: not a PEFT adapter directory, {needed.name} is missing")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{config_path}: not valid JSON ({err})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_path}: not valid JSON ({err}); write the adapter again, or point at another directory") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: holds a JSON {type(config).__name__}, not the object of a PEFT adapter config")
     if config.get("peft_type") != "LORA":
         raise AdapterError(
             f"{config_path}: peft_type = {config.get('peft_type')!r}; only LoRA adapters combine linearly "
@@ -117,7 +119,13 @@ def read_adapter(path: str | Path) -> Adapter:
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise AdapterError(f"{config_path}: bias = {config.get('bias')!r}, lora_bias = {config.get('lora_bias')!r}; the composer handles weight updates only (bias: none)")
 
-    tensors = load_file(weights_path)
+    _check_scaling(config, config_path)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+        raise AdapterError(
+            f"{weights_path}: not a readable safetensors file ({type(err).__name__}: {err}); it is truncated or damaged, so copy or train the adapter again"
+        ) from None
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = KEY_PATTERN.match(key)
@@ -126,6 +134,10 @@ def read_adapter(path: str | Path) -> Adapter:
                 f"{weights_path}: tensor {key!r} is not a LoRA A/B factor (modules_to_save, embeddings and "
                 f"DoRA magnitudes cannot be composed); retrain without them"
             )
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{weights_path}: tensor {key!r} is {tensor.dtype}, not floating-point LoRA weights")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights_path}: tensor {key!r} holds NaN or infinite values; anything composed from it would too, so retrain the adapter")
         factors.setdefault(match["module"], {})[match["factor"]] = tensor
     if not factors:
         raise AdapterError(f"{weights_path}: holds no LoRA factors")
@@ -142,6 +154,18 @@ def read_adapter(path: str | Path) -> Adapter:
         # weight; B·A itself has the same layout either way, so it composes the same.
         modules[name] = LowRank(A=lora_a, B=lora_b * scale)
     return Adapter(path=path, config=config, modules=modules)
+
+
+def _check_scaling(config: dict, config_path: Path) -> None:
+    """lora_alpha (and alpha_pattern's values) are finite numbers: every module's scale is made of them."""
+    alphas = {"lora_alpha": config.get("lora_alpha")}
+    pattern = config.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{config_path}: alpha_pattern = {pattern!r} is not a mapping of module pattern to alpha")
+    alphas.update({f"alpha_pattern[{key!r}]": value for key, value in pattern.items()})
+    for name, value in alphas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdapterError(f"{config_path}: {name} = {value!r} is not a finite number; the adapter's scaling (alpha/r) needs one")
 
 
 def peft_config_for(

@@ -6,13 +6,15 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from data_pipeline.errors import DataError
 from data_pipeline.sources import BOM, decode_line, iter_chunks, parse_example
 from data_pipeline.splits import source_splitter
 from schema.data import SourceConfig
-from schema.tasks import EvalTaskConfig, ForgettingProbeConfig
+from schema.tasks import EvalTaskConfig, ForgettingProbeConfig, RowFormat
+
+ROW_FORMATS: tuple[str, ...] = get_args(RowFormat)
 
 
 @dataclass
@@ -27,6 +29,8 @@ class TaskExample:
 
 def row_source(path: Path, row_format: str, fields: dict[str, str] | None = None) -> SourceConfig:
     """The data-pipeline view of an evaluation file (self_instruct rows are read as plain rows)."""
+    if row_format not in ROW_FORMATS:  # a command's --format, which no schema has checked
+        raise DataError(f"{path}: format {row_format!r} is not one of {', '.join(ROW_FORMATS)}; give the row layout of the file")
     pipeline_format = "prompt_completion" if row_format == "self_instruct" else row_format
     return SourceConfig(path=str(path), format=pipeline_format, fields=fields or {})
 
@@ -89,12 +93,12 @@ def read_prompts(path: Path, row_format: str = "self_instruct") -> list[str]:
     """Prompt texts from a .txt file (one per line) or a data file in `row_format` (its references are ignored)."""
     if path.suffix.lower() == ".txt":
         if not path.is_file():
-            raise DataError(f"{path}: no such prompts file")
+            raise DataError(f"{path}: no such prompts file (relative paths start at {Path.cwd()}); correct the path")
         prompts = [line.strip() for number, raw in enumerate(path.read_bytes().removeprefix(BOM).splitlines(), 1) if (line := decode_line(raw, path, number)).strip()]
     else:
         prompts = [example.prompt for example in read_examples(path, row_format)]
     if not prompts:
-        raise DataError(f"{path}: holds no prompts")
+        raise DataError(f"{path}: holds no prompts; add prompts, one per line (.txt) or one per row")
     return prompts
 
 

@@ -94,6 +94,7 @@ def iter_chunks(source: SourceConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[
         return
     next_row = 0
     for file in resolve_files(source):
+        _refuse_misnamed_parquet(file)
         if is_hf_dataset_dir(file):
             reader = _hf_dir_chunks(file, source.hf_split, chunk_rows)
         elif file.suffix in (".jsonl", ".ndjson"):
@@ -109,6 +110,33 @@ def iter_chunks(source: SourceConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[
             next_row += len(rows)
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def _refuse_misnamed_parquet(file: Path) -> None:
+    if file.suffix != ".parquet" and file.is_file():
+        with open(file, "rb") as handle:
+            if handle.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC:
+                raise DataError(f"{file}: is a Parquet file (it starts with PAR1) named {file.suffix}; rename it to {file.stem}.parquet")
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object that writes one key twice (json keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _RepeatedKey(key)
+    return dict(pairs)
+
+
+def _load_json(text: str) -> Any:
+    """json.loads, refusing an object that writes a key twice (raises _RepeatedKey)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def _jsonl_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
     rows: list[dict] = []
     places: list[str] = []
@@ -118,13 +146,17 @@ def _jsonl_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], lis
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _load_json(line)
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{file}:{number}: line {number} is not valid JSON ({err.msg} at column {err.colno}); fix or delete that line"
                 ) from None
+            except _RepeatedKey as err:
+                raise DataError(f"{file}:{number}: line {number} writes the key '{err}' twice; JSON would keep only the last; remove one of them") from None
             if not isinstance(row, dict):
-                raise DataError(f"{file}:{number}: line {number} is a JSON {type(row).__name__}, not an object with fields")
+                raise DataError(
+                    f"{file}:{number}: line {number} is a JSON {type(row).__name__}, not an object with fields; write one {{\"field\": ...}} object per line"
+                )
             rows.append(row)
             places.append(f"line {number}")
             if len(rows) == chunk_rows:
@@ -151,9 +183,11 @@ def decode_line(raw: bytes, file: Path, number: int) -> str:
 def _json_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
     # A JSON array cannot be streamed with the standard library; use JSONL for large sources.
     try:
-        data = json.loads(decode_line(file.read_bytes().removeprefix(BOM), file, 1))
+        data = _load_json(decode_line(file.read_bytes().removeprefix(BOM), file, 1))
     except json.JSONDecodeError as err:
-        raise DataError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise DataError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the JSON there") from None
+    except _RepeatedKey as err:
+        raise DataError(f"{file}: an object writes the key '{err}' twice; JSON would keep only the last; remove one of them") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -162,7 +196,7 @@ def _json_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list
         rows = data[start : start + chunk_rows]
         for offset, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise DataError(f"{file}: row {start + offset + 1} is a JSON {type(row).__name__}, not an object with fields")
+                raise DataError(f"{file}: row {start + offset + 1} is a JSON {type(row).__name__}, not an object with fields; make every row a {{\"field\": ...}} object")
         yield rows, [f"row {start + i + 1}" for i in range(len(rows))]
 
 
@@ -172,7 +206,7 @@ def _parquet_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], l
     try:
         parquet = pq.ParquetFile(file)
     except Exception as err:
-        raise DataError(f"{file}: not a readable Parquet file ({err})") from None
+        raise DataError(f"{file}: not a readable Parquet file ({err}); write it again, or point at another file") from None
     seen = 0
     batches = parquet.iter_batches(batch_size=chunk_rows)
     while True:
@@ -189,29 +223,38 @@ def _parquet_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], l
 
 def _csv_chunks(file: Path, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
     # The csv module keeps every cell a string ("42" stays text), which is what the formats expect.
-    with open(file, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(_csv_lines(handle, file))
+    # strict: a quote left open or text after a closing quote is an error, not a row that swallows the rest.
+    with open(file, "rb") as handle:
+        reader = csv.reader(_csv_lines(handle, file), strict=True)
         rows: list[dict] = []
         places: list[str] = []
-        for row in reader:
-            if None in row:
-                raise DataError(f"{file}:{reader.line_num}: row has more cells than the header {reader.fieldnames}")
-            rows.append(row)
-            places.append(f"line {reader.line_num}")
-            if len(rows) == chunk_rows:
-                yield rows, places
-                rows, places = [], []
+        try:
+            header = next(reader, [])
+            if repeated := sorted({name for name in header if header.count(name) > 1}):
+                raise DataError(f"{file}:1: the header names {repeated} more than once; a row could keep only one of them; rename the columns")
+            for cells in reader:
+                if not cells:  # a blank line
+                    continue
+                if len(cells) != len(header):
+                    raise DataError(
+                        f"{file}:{reader.line_num}: row has {len(cells)} cells but the header has {len(header)} {header}; "
+                        "quote cells that hold commas, or complete the row"
+                    )
+                rows.append(dict(zip(header, cells)))
+                places.append(f"line {reader.line_num}")
+                if len(rows) == chunk_rows:
+                    yield rows, places
+                    rows, places = [], []
+        except csv.Error as err:
+            raise DataError(f"{file}:{reader.line_num}: not valid CSV ({err}); close the quote, or quote the whole cell") from None
         if rows:
             yield rows, places
 
 
 def _csv_lines(handle, file: Path) -> Iterator[str]:
-    number = 0
-    try:
-        for number, line in enumerate(handle, start=1):  # noqa: B007
-            yield line
-    except UnicodeDecodeError as err:
-        raise DataError(f"{file}:{number + 1}: line {number + 1} is not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the file as UTF-8") from None
+    # Decoded line by line, so that a bad byte is reported on its own line.
+    for number, raw in enumerate(handle, start=1):
+        yield decode_line(raw[len(BOM) :] if number == 1 and raw.startswith(BOM) else raw, file, number)
 
 
 def _hf_dir_chunks(path: Path, split: str, chunk_rows: int) -> Iterator[tuple[list[dict], list[str]]]:
@@ -235,6 +278,8 @@ def _hub_chunks(source: SourceConfig, chunk_rows: int) -> Iterator[RowChunk]:
     import datasets
 
     name, _, config = source.path[3:].partition(":")
+    if not name:
+        raise DataError(f"{source.path}: names no dataset; write hf:<name>[:<config>], e.g. hf:openai/gsm8k:main")
     try:
         loaded = datasets.load_dataset(name, config or None, split=source.hf_split)
     except Exception as err:  # offline, unknown name, missing split: one clear message

@@ -152,17 +152,22 @@ class TrainStream:
             self._batch_in_window = skip
 
     def stats(self) -> dict[str, float]:
-        """Metrics of the window the latest batch came from: achieved rehearsal ratio and padding waste."""
+        """Metrics of the window the latest batch came from: padding waste, the epochs finished (the trainer
+        logs it when it changes), and only where they apply, since a constant zero charts as a flat line:
+        the achieved rehearsal ratio when there are rehearsal sources, the share of rows dropped when any were."""
         window = self._window if self._window is not None and self._batch_in_window else self._last_window
         if window is None:  # nothing taken yet: the window the first batch will come from
             window = self._window = self._build_window()
-        dropped = [(c["dropped_empty"] + c["dropped_overlong"]) / max(1, c["rows"] - c["split_out"]) for c in (k.counts for k in self.caches)]
-        return {
-            "data/rehearsal_ratio": window.rehearsal_ratio,
+        stats = {
             "data/padding_frac": window.padding_frac,
             "data/epoch": float(self._cursors[0][0]),  # epochs of the first source finished at the window start
-            "data/dropped_frac": max(dropped),  # the worst source's share of rows dropped (empty or overlong)
         }
+        if self.rehearsal.any():
+            stats["data/rehearsal_ratio"] = window.rehearsal_ratio
+        dropped = max((c["dropped_empty"] + c["dropped_overlong"]) / max(1, c["rows"] - c["split_out"]) for c in (k.counts for k in self.caches))
+        if dropped:
+            stats["data/dropped_frac"] = dropped  # the worst source's share of rows dropped (empty or overlong)
+        return stats
 
     # -- schedule ----------------------------------------------------------------------------------
     def _shard(self, source: int, epoch: int) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from schema.loading import LoadedFleet, load_fleet
+from schema.outputs import is_ours
 from schema.problems import ConfigError, Problem
 from trainer.checks import check_entry, tasks_file_problems
 
@@ -24,8 +25,8 @@ def fleet_problems(loaded: LoadedFleet, nodes: list | None = None, deep: bool = 
     """The schema's problems and every check's, for every job (those that did not validate as far as
     their sections allow), the compositions, the run directory and the capacity."""
     problems: list[Problem] = list(loaded.problems)
-    if loaded.output_dir.exists() and not loaded.output_dir.is_dir():
-        problems.append(loaded.placement.locate(Problem.at(("output_dir",), str(loaded.output_dir), "is an existing file, not a directory", "choose a directory path")))
+    if (run_dir := run_dir_problem(loaded.output_dir)) is not None:
+        problems.append(loaded.placement.locate(run_dir))
     for entry in loaded.entries:
         problems.extend(check_entry(entry, deep=deep))
     if loaded.config is not None:
@@ -35,11 +36,31 @@ def fleet_problems(loaded: LoadedFleet, nodes: list | None = None, deep: bool = 
     return problems
 
 
+def run_dir_problem(output_dir: Path) -> Problem | None:
+    """Why a fleet may not write into `output_dir`: a file, or a directory holding anything but an earlier
+    run of a fleet (fleet.json) or job directories that lorafleet wrote (a run stopped before its fleet.json)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        return Problem.at(("output_dir",), str(output_dir), "is an existing file, not a directory", "choose a directory path")
+    if not output_dir.is_dir() or is_ours(output_dir):
+        return None
+    foreign = sorted(entry.name for entry in output_dir.iterdir() if not (entry.is_dir() and is_ours(entry)))
+    if not foreign:
+        return None
+    shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    return Problem.at(
+        ("output_dir",),
+        str(output_dir),
+        f"is a directory that lorafleet did not write (it holds {shown} and no fleet.json); lorafleet never replaces files it did not write",
+        "choose a new or empty directory",
+    )
+
+
 def compose_problems(loaded: LoadedFleet) -> list[Problem]:
     """Problems the compose: section's schema cannot see: an adapter that is neither a job of the fleet
     nor an existing PEFT directory, a repeated name, a learn.tasks file that does not read."""
     compositions = loaded.config.compose
-    job_names = [job.name for job in loaded.config.jobs]
+    # Every job the file names counts, valid or not: a composition of an invalid job is that job's problem.
+    job_names = list(dict.fromkeys(entry.raw["name"] for entry in loaded.entries if isinstance(entry.raw.get("name"), str)))
     problems = []
     names = [c.name for c in compositions]
     for index, composition in enumerate(compositions):

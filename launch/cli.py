@@ -16,6 +16,24 @@ from launch.console import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train many QLoRA adapters in parallel, without forgetting.")
 
+# How --help names what an option takes: words, not typer's Python annotations (<list[str]>, <bool>).
+READABLE_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "file": "FILE", "directory": "DIR"}
+
+
+def _readable_type(parameter, ctx) -> str | None:
+    if parameter.metavar is not None:
+        return parameter.metavar
+    if getattr(parameter, "is_flag", False):
+        return None  # a flag takes no value
+    label = type(parameter).display_type(parameter, ctx).strip("<>")
+    many = label.startswith("list[")
+    word = READABLE_TYPES.get(label.removeprefix("list[").removesuffix("]").lower(), label.upper())
+    return word + ("..." if many else "")
+
+
+typer.core.TyperOption.display_type_rich = _readable_type
+typer.core.TyperArgument.display_type_rich = _readable_type
+
 EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
@@ -59,7 +77,33 @@ def train(
         fail(err, code=EXIT_JOB_FAILED)
     except JobInterrupted as err:
         fail(err, code=EXIT_INTERRUPTED)
-    typer.echo(f"adapter: {result.adapter_dir}")
+    from rich.console import Console
+
+    Console().print(training_summary(result))
+
+
+def training_summary(result):
+    """What a finished job amounts to, in a few lines: steps, tokens, time, eval loss before -> after, the
+    task and forgetting metrics, and where the adapter is."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="trained", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    resumed = f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else ""
+    minutes, seconds = divmod(int(round(result.wall_time_s)), 60)
+    table.add_row("steps", f"{result.steps}{resumed}")
+    table.add_row("tokens", f"{result.tokens:,} in {minutes}:{seconds:02d} ({result.tokens / max(result.wall_time_s, 1e-9):,.0f} tokens/s)")
+    if result.eval_loss is not None:
+        before = f"{result.initial_eval_loss:.4f} -> " if result.initial_eval_loss is not None else ""
+        chosen = f" (step {result.selected_step}, the lowest)" if result.selected_step else ""
+        table.add_row("eval loss", f"{before}{result.eval_loss:.4f}{chosen}")
+    for name, value in sorted(result.metrics.items(), key=lambda kv: (kv[0].startswith("eval/forgetting/"), kv[0])):
+        if name != "eval/loss":
+            table.add_row(escape(name.removeprefix("eval/")), f"{value:.4g}")
+    table.add_row("adapter", escape(str(result.adapter_dir)))
+    return table
 
 
 @app.command()
@@ -98,6 +142,11 @@ from launch import cli_generate; cli_generate.register(app)  # noqa: E402,E702
 
 
 def main() -> None:
+    """The console entry point: records the command line for the model cards of the adapters it trains."""
+    import os
+    import shlex
+
+    os.environ.setdefault("LORAFLEET_COMMAND", shlex.join(["lorafleet", *sys.argv[1:]]))
     app(prog_name="lorafleet")
 
 

@@ -20,6 +20,7 @@ from schema.compose import COMPOSE_METHODS
 from schema.problems import ConfigError, Problem
 
 NUMBER = re.compile(r"-\d|-\.\d")
+LIST_OPTIONS = ("--adapters", "--weights")
 
 
 def join_option_values(args: list[str], list_options: tuple[str, ...]) -> list[str]:
@@ -44,12 +45,24 @@ def join_option_values(args: list[str], list_options: tuple[str, ...]) -> list[s
     return joined
 
 
+def refuse_empty_list_options(args: list[str], list_options: tuple[str, ...]) -> None:
+    """A list option followed by another option or nothing: click would take the next option's name as
+    its value (`--adapters --out mix` reads as --adapters '--out', then reports --out missing)."""
+    for position, token in enumerate(args):
+        if token == "--":
+            return
+        following = args[position + 1] if position + 1 < len(args) else None
+        if token in list_options and (following is None or (following.startswith("-") and not NUMBER.match(following))):
+            raise typer.BadParameter(f"needs at least one value, e.g. {token} A B", param_hint=f"'{token}'")
+
+
 class ListOptionsCommand(TyperCommand):
     """A command whose --adapters and --weights take several values (`--weights 0.5 0.3 0.2`), as click
     options take one each; the comma-joined and repeated forms work as well."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, join_option_values(args, ("--adapters", "--weights")))
+        refuse_empty_list_options(args, LIST_OPTIONS)
+        return super().parse_args(ctx, join_option_values(args, LIST_OPTIONS))
 
 
 def energy_table(record: dict) -> Table:
@@ -115,7 +128,7 @@ def register(app: typer.Typer) -> None:
                 lambda_=lambda_, density=density, seed=seed, svd_rank=svd_rank, learn=learn,
             )
         except ValidationError as err:
-            fail(options_error(err))
+            fail(options_error(err, ComposeConfig, renamed={"name": "out"}))  # the composition is named after --out
         if (problem := output_problem(out, overwrite=overwrite, inputs=tuple(adapter_list))) is not None:
             fail(ConfigError(problem))
         try:
@@ -152,7 +165,7 @@ def register(app: typer.Typer) -> None:
         from trainer.specs import ModelSpecError
 
         if base_precision not in PRECISIONS:
-            fail(ConfigError(Problem.at((), base_precision, f"--base-precision is not one of {', '.join(map(str, PRECISIONS))}", "choose one of those")))
+            fail(ConfigError(Problem(f"--base-precision {base_precision} is not one of {', '.join(map(str, PRECISIONS))}", fix="choose one of those")))
         if (problem := output_problem(out, overwrite=overwrite, inputs=(adapter,))) is not None:
             fail(ConfigError(problem))
         try:
@@ -185,9 +198,12 @@ def register(app: typer.Typer) -> None:
         """Evaluate the adapter on its training base and every higher precision side by side (4-bit NF4: 4, 8, 16; 2-bit HQQ: 2, 3, 4, 8, 16), with the quantization error per bit width."""
         from compositor.adapters import AdapterError
         from compositor.pipeline import plr_report
+        from compositor.restore import DTYPES
         from schema.outputs import output_problem
         from trainer.specs import ModelSpecError
 
+        if dtype is not None and dtype not in DTYPES:  # checked here: the report loads the tokenizer before it reads --dtype
+            fail(ConfigError(Problem(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", fix="choose one of those")))
         if out is not None and (problem := output_problem(out, overwrite=overwrite, inputs=(adapter,))) is not None:
             fail(ConfigError(problem))
         try:

@@ -73,6 +73,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate the base model and each adapter: task metrics and forgetting metrics, one row each, and
         every generated answer (transcripts.jsonl)."""
+        from pydantic import ValidationError
+
         from schema.job import QuantConfig
         from schema.outputs import output_problem
         from trainer.checks import load_tasks_file
@@ -97,6 +99,8 @@ def register(app: typer.Typer) -> None:
                 quant_section = {**quant_section, "bits": bits}
             quant = QuantConfig.model_validate(quant_section)
             tokenizer = load_tokenizer(model)
+        except ValidationError as err:  # of the quant section: --bits
+            fail(options_error(err, QuantConfig))
         except (ConfigError, ModelSpecError, ValueError) as err:
             fail(err)
         base = load_base_model(model, quant)
@@ -156,7 +160,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(problem)
             tokenizer = load_tokenizer(model)
         except ValidationError as err:
-            fail(options_error(err))
+            fail(options_error(err, RehearsalConfig))
         except (ConfigError, DataError, ModelSpecError) as err:
             fail(err)
         base = load_base_model(model, quant)

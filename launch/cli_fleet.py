@@ -101,14 +101,25 @@ def tb(
     port: int = typer.Option(6006, "--port", help="Port on 127.0.0.1."),
 ) -> None:
     """Start TensorBoard on 127.0.0.1 over every job's logs (one run per job) and the fleet's own scalars."""
-    from cluster.tensorboard import logdir_spec
+    from cluster.tensorboard import pinned_url, prepare_serving
 
     try:
-        spec = logdir_spec(run_dir)
-    except (FileNotFoundError, ValueError) as err:
+        logdir = prepare_serving(run_dir)
+    except (OSError, ValueError) as err:
         fail(err)
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec, "--host", "127.0.0.1", "--port", str(port)]
-    err_console.print(f"TensorBoard on http://127.0.0.1:{port}/ (Ctrl-C stops it)")
+    # TensorBoard shows its --logdir as the data location: given from the fleet directory's parent, it
+    # reads "fleet_demo/tb/runs" rather than an absolute path.
+    parent = logdir.parents[2]
+    os.chdir(parent)
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir.relative_to(parent)), "--host", "127.0.0.1", "--port", str(port)]
+    home = f"http://127.0.0.1:{port}/"
+    for line in (
+        f"TensorBoard on {home} (Ctrl-C stops it)",
+        f"  train/loss and eval/loss pinned above the tag groups: {pinned_url(port)}",
+        f"  train and eval, task and forgetting metrics: {home}#custom_scalars",
+        f"  each job's hparams and final metrics: {home}#hparams",
+    ):
+        err_console.print(line, highlight=False, soft_wrap=True)
     # Become TensorBoard, so that a signal to this process reaches it and no server outlives us.
     os.execv(sys.executable, command)
 

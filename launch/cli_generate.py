@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         base: str | None = typer.Option(None, "--base", help="Base model spec; default: the one the adapters record.", metavar="SPEC"),
     ) -> None:
         """Each adapter's answer to a prompt, side by side with the base model's (adapters off)."""
-        from compositor.adapters import AdapterError
+        from compositor.adapters import AdapterError, read_adapter
         from compositor.restore import PrecisionError, base_spec_of, restoration_quant, resolve_dtype, training_quant
         from data_pipeline.errors import DataError
         from data_pipeline.rows import read_prompts
@@ -52,6 +52,8 @@ def register(app: typer.Typer) -> None:
             missing = [str(a) for a in adapters if not (a / "adapter_config.json").is_file()]
             if missing:
                 raise ConfigError(Problem(f"not PEFT adapter directories (no adapter_config.json): {', '.join(missing)}", fix="give adapter/ directories of jobs"))
+            for adapter in adapters:  # a damaged adapter is named before any model loads
+                read_adapter(adapter)
             specs = {base_spec_of(a, base) for a in adapters}
             if len(specs) > 1:
                 raise ConfigError(Problem(f"the adapters were trained on different base models ({', '.join(sorted(specs))})", fix="generate with each base separately, or pass --base"))

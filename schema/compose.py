@@ -3,19 +3,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from schema.base import NAME_PATTERN, Float, Int, Section, Seed
+from schema.base import NAME_MAX_CHARS, NAME_PATTERN, Float, Int, PathValue, Section, Seed
 
 ComposeMethod = Literal["linear", "task_arithmetic", "svd", "ties", "dare_linear", "dare_ties", "magnitude", "learned"]
 COMPOSE_METHODS: tuple[str, ...] = get_args(ComposeMethod)
 
 
 class LearnConfig(Section):
-    tasks: Path = Field(description="Tasks file (the evaluation's YAML format) whose rows and references are the validation examples to fit on.")
+    tasks: PathValue = Field(description="Tasks file (the evaluation's YAML format) whose rows and references are the validation examples to fit on.")
     examples: Int = Field(16, ge=1, description="Validation examples used for the fit, taken across the tasks in turn.")
     steps: Int = Field(60, ge=1, description="Adam steps on the mixing weights.")
     lr: Float = Field(0.05, gt=0, description="Adam learning rate for the mixing weights.")
@@ -31,7 +30,7 @@ class LearnConfig(Section):
 class ComposeConfig(Section):
     # `lambda` is a Python keyword: the field is `lambda_` in code and `lambda` in every file and option.
     model_config = ConfigDict(**Section.model_config, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
-    name: str = Field(pattern=NAME_PATTERN, description="Name of the composition; its adapter goes to <fleet output_dir>/compose/<name>.")
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX_CHARS, description="Name of the composition; its adapter goes to <fleet output_dir>/compose/<name>.")
     adapters: list[str] = Field(
         min_length=1, description="Job names of this fleet (their adapter/ is used) or paths of PEFT adapter directories."
     )
@@ -45,14 +44,31 @@ class ComposeConfig(Section):
     svd_rank: Int | None = Field(None, ge=1, description="Re-compress the result to this rank by truncated SVD (required rank for svd; default Σ ranks for dense methods).")
     learn: LearnConfig | None = Field(None, description="How to fit the weights; required by method learned.")
 
+    @field_validator("weights")
+    @classmethod
+    def _one_weight_per_adapter(cls, value: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        adapters = info.data.get("adapters")
+        if value is not None and adapters is not None and len(value) != len(adapters):
+            raise ValueError(f"{len(value)} weights for {len(adapters)} adapters; give one weight per adapter or leave weights out")
+        return value
+
+    @field_validator("lambda_")
+    @classmethod
+    def _no_strength_for_linear(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("method") == "linear" and value != 1.0:
+            raise ValueError("linear is Σ wᵢ·ΔWᵢ exactly; put the strength into weights, or use method task_arithmetic with lambda")
+        return value
+
+    @field_validator("learn")
+    @classmethod
+    def _learn_for_learned(cls, value: LearnConfig | None, info: ValidationInfo) -> LearnConfig | None:
+        method = info.data.get("method")
+        if value is not None and method is not None and method != "learned":
+            raise ValueError(f"a `learn` section is used by method learned only, not {method!r}; remove it or set method: learned")
+        return value
+
     @model_validator(mode="after")
-    def _consistent(self) -> ComposeConfig:
-        if self.weights is not None and len(self.weights) != len(self.adapters):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.adapters)} adapters; give one weight per adapter or leave weights out")
+    def _learned_has_learn(self) -> ComposeConfig:
         if self.method == "learned" and self.learn is None:
             raise ValueError("method learned needs a `learn` section with at least `tasks` (the validation examples)")
-        if self.method != "learned" and self.learn is not None:
-            raise ValueError(f"a `learn` section is used by method learned only, not {self.method!r}; remove it or set method: learned")
-        if self.method == "linear" and self.lambda_ != 1.0:
-            raise ValueError("linear is Σ wᵢ·ΔWᵢ exactly; put the strength into weights, or use method task_arithmetic with lambda")
         return self

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from schema.base import Float, Int, Section
+from schema.base import Float, Int, PathText, Section
 
 Format = Literal["prompt_completion", "alpaca", "chat", "question_answer", "text", "fields"]
 Split = Literal["train", "validation", "test"]
@@ -26,7 +26,7 @@ OPTIONAL_FIELDS = {("alpaca", "input")}
 
 
 class SourceConfig(Section):
-    path: str = Field(
+    path: PathText = Field(
         description=(
             "A file (JSONL, JSON, Parquet, CSV), a glob, a directory of shards, a local HF dataset directory "
             "(saved with save_to_disk), or 'hf:<name>[:<config>]' for datasets.load_dataset (online only)."
@@ -69,17 +69,25 @@ class SourceConfig(Section):
             raise ValueError(f"split_fractions {list(value)} must be three non-negative shares summing to 1, e.g. [0.9, 0.05, 0.05]")
         return value
 
-    @model_validator(mode="after")
-    def _known_field_roles(self) -> SourceConfig:
-        roles = FORMAT_FIELDS[self.format]
-        unknown = sorted(set(self.fields) - set(roles))
+    @field_validator("fields")
+    @classmethod
+    def _known_field_roles(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if "format" not in info.data:  # the format itself is wrong; that is the problem to report
+            return value
+        roles = FORMAT_FIELDS[info.data["format"]]
+        unknown = sorted(set(value) - set(roles))
         if unknown:
             raise ValueError(
-                f"fields names roles {unknown} that format '{self.format}' does not have; its roles are {sorted(roles)}"
+                f"fields names roles {unknown} that format '{info.data['format']}' does not have; its roles are {sorted(roles)}"
             )
-        if self.template is not None:
-            check_template(self.template)
-        return self
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template_known(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_template(value)
+        return value
 
     def column(self, role: str) -> str:
         """The column that holds `role` in this source."""

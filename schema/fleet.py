@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from schema.base import NAME_PATTERN, Int, Section
+from schema.base import NAME_MAX_CHARS, NAME_PATTERN, Int, PathValue, Section
 from schema.compose import ComposeConfig
 from schema.job import JobConfig, ResourcesConfig
 
@@ -31,13 +30,13 @@ class PackingConfig(Section):
 class FleetFile(Section):
     """The fleet file as written: jobs are still raw mappings (they are validated after merging)."""
 
-    name: str = Field(pattern=NAME_PATTERN, description="Fleet name, shown in the live view, fleet.json and TensorBoard.")
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX_CHARS, description="Fleet name, shown in the live view, fleet.json and TensorBoard.")
     defaults: dict[str, Any] = Field(default_factory=dict, description="Any job-config keys; each job's own keys are deep-merged over these.")
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig, description="Default resources of every job; a job's `resources` overrides them field by field."
     )
     jobs: list[dict[str, Any]] = Field(min_length=1, description="The jobs, queued in this order; each needs a unique `name`.")
-    output_dir: Path = Field(description="Run directory: one sub-directory per job (named after it), plus fleet.json and tb/fleet/.")
+    output_dir: PathValue = Field(description="Run directory: one sub-directory per job (named after it), plus fleet.json and tb/fleet/.")
     compose: list[ComposeConfig] = Field(
         default_factory=list, description="Adapter compositions run after the jobs finish; each writes <output_dir>/compose/<name>."
     )
@@ -56,10 +55,10 @@ class FleetFile(Section):
 class FleetConfig(Section):
     """A validated fleet: every job is a complete JobConfig whose output_dir is `output_dir/<job name>`."""
 
-    name: str = Field(pattern=NAME_PATTERN, description="Fleet name, shown in the live view, fleet.json and TensorBoard.")
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX_CHARS, description="Fleet name, shown in the live view, fleet.json and TensorBoard.")
     jobs: list[JobConfig] = Field(min_length=1, description="Fully merged job configs, in queue order.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="The fleet-wide default resources (used to count slots).")
-    output_dir: Path = Field(description="Run directory holding the job directories, fleet.json and tb/fleet/.")
+    output_dir: PathValue = Field(description="Run directory holding the job directories, fleet.json and tb/fleet/.")
     compose: list[ComposeConfig] = Field(default_factory=list, description="Compositions of the jobs' adapters, run after the jobs finish.")
     packing: PackingConfig = Field(default_factory=PackingConfig, description="Adapter packs: compatible jobs share a worker and its base.")
     backfill: Int | None = Field(None, ge=0, description="Later jobs that may start ahead of a waiting head job (see FleetFile.backfill).")

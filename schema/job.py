@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from schema.base import NAME_PATTERN, Float, Int, Section, Seed
+from schema.base import NAME_MAX_CHARS, NAME_PATTERN, Float, Int, PathText, PathValue, Section, Seed
 from schema.data import DataConfig, check_template
 
 
@@ -31,9 +31,14 @@ class QuantConfig(Section):
     def _method_supports_bits(self) -> QuantConfig:
         if self.method == "bnb" and self.bits in (2, 3):
             raise ValueError(f"bits {self.bits} needs method: hqq (bitsandbytes quantizes to 4 or 8 bits only)")
-        if self.method == "hqq" and self.group_size & (self.group_size - 1):
-            raise ValueError(f"group_size {self.group_size} is not a power of two; HQQ groups weights in powers of two (e.g. 64)")
         return self
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("method") == "hqq" and value & (value - 1):
+            raise ValueError(f"group_size {value} is not a power of two; HQQ groups weights in powers of two (e.g. 64)")
+        return value
 
 
 class AdaLoraConfig(Section):
@@ -64,13 +69,20 @@ class LoraConfig(Section):
     plus_lr_ratio: Float | None = Field(None, gt=0, description="LoRA+: learning rate of the B matrices is lr times this ratio (16 in the paper). None disables LoRA+.")
     adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig, description="AdaLoRA schedule; used only when method is adalora.")
 
-    @model_validator(mode="after")
-    def _method_options(self) -> LoraConfig:
-        if self.method != "lora" and self.dora:
-            raise ValueError(f"dora applies to method 'lora' only, not '{self.method}'; set lora.dora: false")
-        if self.targets == []:
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value: TargetPreset | list[str]) -> TargetPreset | list[str]:
+        if value == []:
             raise ValueError("targets is empty; give a preset (qv, attn, all-linear) or module names")
-        return self
+        return value
+
+    @field_validator("dora")
+    @classmethod
+    def _dora_needs_lora(cls, value: bool, info: ValidationInfo) -> bool:
+        method = info.data.get("method", "lora")
+        if value and method != "lora":
+            raise ValueError(f"dora applies to method 'lora' only, not '{method}'; set lora.dora: false")
+        return value
 
 
 class OptimConfig(Section):
@@ -84,11 +96,12 @@ class OptimConfig(Section):
     warmup_ratio: Float = Field(0.03, ge=0, le=1, description="Share of max_steps spent warming up linearly from 0.")
     max_grad_norm: Float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; None disables clipping.")
 
-    @model_validator(mode="after")
-    def _betas_in_range(self) -> OptimConfig:
-        if not all(0.0 <= beta < 1.0 for beta in self.betas):
-            raise ValueError(f"betas {list(self.betas)} must each lie in [0, 1), e.g. [0.9, 0.999]")
-        return self
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"betas {list(value)} must each lie in [0, 1), e.g. [0.9, 0.999]")
+        return value
 
 
 class TrainConfig(Section):
@@ -114,7 +127,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     every: Int = Field(50, ge=0, description="Evaluate every this many steps (0: only before and after training).")
     max_batches: Int | None = Field(None, ge=1, description="Cap on eval batches per evaluation; None evaluates the whole eval set.")
-    tasks: Path | None = Field(None, description="Tasks YAML (schema.tasks.TasksFile): task metrics and forgetting probes run at every evaluation.")
+    tasks: PathValue | None = Field(None, description="Tasks YAML (schema.tasks.TasksFile): task metrics and forgetting probes run at every evaluation.")
 
 
 class CheckpointConfig(Section):
@@ -137,7 +150,7 @@ class LwfConfig(Section):
 
 class RehearsalConfig(Section):
     source: Literal["prior"] = Field("prior", description="Where rehearsal data comes from: 'prior' = the frozen base model's own answers to `prompts`.")
-    prompts: Path = Field(description="General prompts: .txt (one per line) or JSONL/JSON/Parquet/CSV rows in `format`.")
+    prompts: PathValue = Field(description="General prompts: .txt (one per line) or JSONL/JSON/Parquet/CSV rows in `format`.")
     format: Literal["prompt_completion", "question_answer", "alpaca", "self_instruct"] = Field(
         "self_instruct", description="Row layout of the prompts file (ignored for .txt); self_instruct reads general_prompts files."
     )
@@ -150,10 +163,11 @@ class RehearsalConfig(Section):
     seed: Seed = Field(0, description="Seed of the sampling (unused when greedy).")
     batch_size: Int = Field(8, ge=1, description="Prompts per generation batch.")
 
-    @model_validator(mode="after")
-    def _template(self) -> RehearsalConfig:
-        check_template(self.template)
-        return self
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        check_template(value)
+        return value
 
 
 class ForgettingConfig(Section):
@@ -171,8 +185,8 @@ class ResourcesConfig(Section):
 
 
 class JobConfig(Section):
-    name: str = Field("job", pattern=NAME_PATTERN, description="Job name; also its directory name inside a fleet.")
-    model: str = Field("smollm2-135m", description="Base model: a preset (smollm2-135m), a local HF directory, a .gguf file, or a hub id (online only).")
+    name: str = Field("job", pattern=NAME_PATTERN, max_length=NAME_MAX_CHARS, description="Job name; also its directory name inside a fleet.")
+    model: PathText = Field("smollm2-135m", description="Base model: a preset (smollm2-135m), a local HF directory, a .gguf file, or a hub id (online only).")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="Base-model quantization.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="The adapter.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer, schedule and clipping.")
@@ -189,7 +203,7 @@ class JobConfig(Section):
             "(see pack_key and the fleet's packing). false trains it alone. (data.packing is another thing: examples packed into sequences.)"
         ),
     )
-    output_dir: Path = Field(Path("runs/job"), description="Where the job writes its adapter, checkpoints, logs and summary.")
+    output_dir: PathValue = Field(Path("runs/job"), description="Where the job writes its adapter, checkpoints, logs and summary.")
 
     @model_validator(mode="after")
     def _method_fits_resources(self) -> JobConfig:

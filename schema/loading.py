@@ -42,7 +42,8 @@ class Placement:
             return replace(problem, jobs=jobs)
         path = _as_written(self.raw, self.origin(problem.location))
         for prefix, option in self.overrides.items():
-            if path[: len(prefix)] == prefix:
+            written_by_option = prefix[: len(path)] == path and not self.locations.has(path)  # a section the --set created
+            if path[: len(prefix)] == prefix or written_by_option:
                 return replace(problem, file=option, line=None, field=_dotted(path), jobs=jobs)
         return replace(problem, file=self.locations.file, line=self.locations.line(path), field=_dotted(path), jobs=jobs)
 
@@ -112,24 +113,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
         option = f"--set {item}"
         if not sep or not key.strip():
             raise ConfigError(Problem("expected KEY=VALUE", file=option, fix="write it as --set train.max_steps=50"))
-        path = tuple(int(part) if part.isdigit() else part for part in key.strip().split("."))
+        parts = key.strip().split(".")
+        if "" in parts:
+            raise ConfigError(Problem(f"the key {key.strip()!r} has an empty part between dots", file=option, fix="write it as section.field, e.g. train.max_steps"))
         try:
             value = parse_yaml_value(text, option)
         except ConfigError as err:
             message = err.problems[0].message
             raise ConfigError(Problem(f"the value {text!r} is not valid YAML ({message})", file=option, fix="quote it, or complete the brackets")) from None
         node: Any = result
-        for depth, part in enumerate(path[:-1]):
-            child = node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else (
-                node.setdefault(part, {}) if isinstance(node, dict) else None
-            )
-            if not isinstance(child, (dict, list)):
-                raise ConfigError(Problem(f"'{_dotted(path[: depth + 1])}' is not a section, so it has no '{path[depth + 1]}'", file=option))
-            node = child
-        if isinstance(node, list):
-            if not isinstance(path[-1], int) or path[-1] >= len(node):
-                raise ConfigError(Problem(f"'{_dotted(path[:-1])}' is a list; {path[-1]!r} is not one of its positions", file=option))
-        node[path[-1]] = value
+        path: tuple = ()
+        for depth, part in enumerate(parts):
+            if isinstance(node, list):  # a number is a position in a list; in a mapping every key is a name
+                if not part.isdigit() or int(part) >= len(node):
+                    positions = f"use a position from 0 to {len(node) - 1}" if node else "the list is empty"
+                    raise ConfigError(Problem(f"'{_dotted(path)}' is a list; {part!r} is not one of its positions", file=option, fix=positions))
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(Problem(f"'{_dotted(path)}' is not a section, so it has no '{part}'", file=option))
+            path += (part,)
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:  # absent, or written empty (`lora:`)
+                    node[part] = {}
+                node = node[part]
         replaced[path] = option
     return result, replaced
 
@@ -144,10 +152,18 @@ def validation_problems(err: ValidationError, model: type[BaseModel], prefix: tu
     problems = []
     for error in _without_other_union_branches(err.errors()):
         location = tuple(p for p in error["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
-        message = error["msg"].removeprefix("Value error, ")
+        message = _READABLE_MESSAGES.get(error["type"], error["msg"].removeprefix("Value error, "))
         value = MISSING if error["type"] == "missing" else (None if error["type"] == "value_error" and not location else show_value(error.get("input")))
         problems.append(Problem(message, location=prefix + location, value=value, fix=_fix_for(error, model, location)))
     return problems
+
+
+# pydantic's wording where it names Python classes ("instance of LoraConfig", "<class 'pathlib.Path'>").
+_READABLE_MESSAGES = {
+    "model_type": "Input should be a section: a mapping of its fields",
+    "model_attributes_type": "Input should be a section: a mapping of its fields",
+    "path_type": "Input should be a path (text)",
+}
 
 
 def _without_other_union_branches(errors: list[dict]) -> list[dict]:
@@ -206,6 +222,22 @@ def _fix_for(error: dict, model: type[BaseModel], location: tuple) -> str:
         return f"use a value {sign} {limit}"
     if kind == "list_type" and location[-2:] == ("data", "train"):
         return "give a list of sources, or one {path: ..., format: ...} mapping"
+    if kind in ("model_type", "model_attributes_type"):
+        known = _fields_at(model, location)
+        return "write its fields as `key: value` lines under it, or as {key: value}" + (f"; its fields are {', '.join(known)}" if known else "")
+    if kind == "dict_type":
+        return "write `key: value` pairs (as lines under it, or as {key: value})"
+    if kind in ("list_type", "tuple_type"):
+        return "write a list: [a, b], or one `- item` line per item"
+    if kind in ("too_short", "too_long"):
+        bound = context.get("min_length") if kind == "too_short" else context.get("max_length")
+        return f"give {'at least' if kind == 'too_short' else 'at most'} {bound} item{'s' if bound != 1 else ''}"
+    if kind == "string_type":
+        return "write text (in quotes if it would otherwise read as a number, true/false or null)"
+    if kind == "string_too_long":
+        return f"shorten it to at most {context.get('max_length')} characters"
+    if kind == "path_type":
+        return "write the path as text"
     return ""
 
 
@@ -245,6 +277,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> LoadedJob:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(Problem(f"the top level must be a mapping of config keys, got a {type(raw).__name__}", file=str(path), line=1, fix="write `key: value` lines"))
+    if "jobs" in raw:  # `lorafleet train fleet.yaml`: say so, rather than list its keys as unknown
+        raise ConfigError(
+            Problem("is a fleet file (it has `jobs:`), not a job file", file=str(path), line=locations.line(("jobs",)), fix=f"run it with `lorafleet run {path}`")
+        )
     raw, replaced = apply_overrides(raw, overrides or [])
     placement = Placement(locations, overrides=replaced, raw=raw)
     try:
@@ -267,7 +303,24 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> LoadedFl
     jobs that validated, so that the checks on the disk can run on those and be reported together."""
     raw, locations = read_yaml_file(path, "fleet file")
     if not isinstance(raw, dict):
-        raise ConfigError(Problem("the top level must be a mapping (name, defaults, resources, jobs, output_dir)", file=str(path), line=1))
+        found = "the file is empty" if raw is None else f"got a {type(raw).__name__}"
+        raise ConfigError(
+            Problem(
+                f"the top level must be a mapping (name, defaults, resources, jobs, output_dir); {found}",
+                file=str(path),
+                line=1,
+                fix="write `name:`, `jobs:` and `output_dir:` lines",
+            )
+        )
+    if "jobs" not in raw and "data" in raw:  # `lorafleet run job.yaml`
+        raise ConfigError(
+            Problem(
+                "is a job file (it has `data:` and no `jobs:`), not a fleet file",
+                file=str(path),
+                line=locations.line(("data",)),
+                fix=f"train it with `lorafleet train {path}`, or list it under `jobs:` in a fleet file",
+            )
+        )
     raw, replaced = apply_overrides(raw, overrides or [])
     placement = Placement(locations, overrides=replaced, raw=raw)
     try:
@@ -298,14 +351,18 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> LoadedFl
                         )
                     ).with_jobs(label)
                 )
-        if name in seen:
-            problems.append(job_placement.locate(Problem.at(("name",), name, f"already the name of jobs.{seen[name]}", fix="give every job a unique name")))
-        elif isinstance(name, str):
-            seen[name] = index
-        if name in RUN_DIR_ENTRIES:
+        # Names are compared ignoring case: on macOS and Windows `Math` and `math` would share one directory.
+        folded = name.casefold() if isinstance(name, str) else None
+        if folded in seen:
+            first = envelope.jobs[seen[folded]]["name"]
+            same = f"already the name of jobs.{seen[folded]}" if first == name else f"differs from the name {first!r} of jobs.{seen[folded]} only in case"
+            problems.append(job_placement.locate(Problem.at(("name",), name, same, fix="give every job a unique name")))
+        elif folded is not None:
+            seen[folded] = index
+        if folded in RUN_DIR_ENTRIES:
             problems.append(
                 job_placement.locate(
-                    Problem.at(("name",), name, f"is the name of the run directory's own {name!r}", fix=f"choose a name other than {', '.join(RUN_DIR_ENTRIES)}")
+                    Problem.at(("name",), name, f"is the name of the run directory's own {folded!r}", fix=f"choose a name other than {', '.join(RUN_DIR_ENTRIES)}")
                 )
             )
         merged = deep_merge(envelope.defaults, job_raw)
@@ -319,7 +376,7 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> LoadedFl
         except ValidationError as err:
             problems.extend(job_placement.locate(p) for p in validation_problems(err, JobConfig))
             job = None
-        if name in seen and seen[name] != index:
+        if folded in seen and seen[folded] != index:
             job = None  # a repeated name: only the first of them runs
         entries.append(JobEntry(label, job_placement, merged, job))
     valid = [entry.config for entry in entries if entry.config is not None]
@@ -372,15 +429,23 @@ def _origin_in_fleet(raw: dict, index: int) -> Callable[[tuple], tuple]:
 
 def load_tasks(path: str | Path) -> TasksFile:
     """Read and validate a tasks YAML (its rows are read later, by trainer.checks or the evaluation)."""
+    return load_tasks_placed(path)[0]
+
+
+def load_tasks_placed(path: str | Path) -> tuple[TasksFile, Placement]:
+    """A tasks file validated, and where its fields are written (to place the problems of its rows)."""
     raw, locations = read_yaml_file(path, "tasks file")
     if isinstance(raw, list):  # a bare list of tasks is accepted
         raw = {"tasks": raw}
         locations = Locations(locations.file, {("tasks",) + k: v for k, v in locations.lines.items()})
     if not isinstance(raw, dict):
-        raise ConfigError(Problem("the top level must be a mapping with `tasks` (and optionally `forgetting`)", file=str(path), line=1))
+        found = "the file is empty" if raw is None else f"got a {type(raw).__name__}"
+        raise ConfigError(
+            Problem(f"the top level must be a mapping with `tasks` (and optionally `forgetting`); {found}", file=str(path), line=1, fix="write a `tasks:` list")
+        )
+    placement = Placement(locations, raw=raw)
     try:
-        return TasksFile.model_validate(raw)
+        return TasksFile.model_validate(raw), placement
     except ValidationError as err:
-        placement = Placement(locations, raw=raw)
         raise ConfigError([placement.locate(p) for p in validation_problems(err, TasksFile)], title=f"invalid tasks file {path}") from None
 

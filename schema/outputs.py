@@ -29,7 +29,7 @@ def output_problem(
 ) -> Problem | None:
     """Why `path` cannot receive a new output, or None when it can (missing, empty, or ours and `overwrite`)."""
     path = Path(path)
-    shown = option if not location else ""
+    shown = f"{option} {str(path)!r}" if not location else ""  # a located problem shows the value itself
     resolved = path.resolve()
     for source in inputs:
         source_path = Path(source).resolve()

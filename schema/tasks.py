@@ -6,12 +6,11 @@ prompts are rendered with the same templates, so a task is asked as its training
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from schema.base import NAME_PATTERN, Float, Int, Section, Seed
+from schema.base import NAME_PATTERN, Float, Int, PathValue, Section, Seed
 from schema.data import NAMED_TEMPLATES, check_template
 
 # The data pipeline's formats, plus self_instruct: the general_prompts files, where the prompt is
@@ -28,7 +27,7 @@ TEMPLATE_HELP = (
 
 class EvalTaskConfig(Section):
     name: str = Field(pattern=NAME_PATTERN, description="Task name; metrics are logged as eval/<name>/<metric>.")
-    path: Path = Field(description="Rows to evaluate: a JSONL, JSON, Parquet or CSV file, a glob or a directory, read as a data source is.")
+    path: PathValue = Field(description="Rows to evaluate: a JSONL, JSON, Parquet or CSV file, a glob or a directory, read as a data source is.")
     format: RowFormat = Field("prompt_completion", description="Row layout: prompt_completion, question_answer (GSM8K), alpaca, fields (mapped by `fields`) or self_instruct (general_prompts).")
     fields: dict[str, str] = Field(default_factory=dict, description="Column for each role of the format when the file names it differently (as in data sources).")
     split: Literal["train", "validation", "test"] | None = Field(
@@ -49,22 +48,39 @@ class EvalTaskConfig(Section):
     general: bool = Field(False, description="A general ability: the drop from the base model's score counts as forgetting (eval/forgetting/<name>_drop).")
     batch_size: Int = Field(8, ge=1, description="Prompts per generation or scoring batch.")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> EvalTaskConfig:
-        if self.labels is not None and self.metric != "label":
-            raise ValueError(f"labels are used by metric 'label' only, not '{self.metric}'; remove labels or set metric: label")
-        if self.labels == []:
+    @field_validator("labels")
+    @classmethod
+    def _labels_for_label_metric(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        metric = info.data.get("metric")
+        if value is not None and metric is not None and metric != "label":
+            raise ValueError(f"labels are used by metric 'label' only, not '{metric}'; remove labels or set metric: label")
+        if value == []:
             raise ValueError("labels is empty; list the label set or leave it out to use the distinct references")
-        if any(share < 0 for share in self.split_fractions) or abs(sum(self.split_fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split_fractions {list(self.split_fractions)} must be three non-negative shares summing to 1")
-        if "" in self.stop:
+        return value
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(share < 0 for share in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions {list(value)} must be three non-negative shares summing to 1")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if "" in value:
             raise ValueError("stop holds an empty string, which would cut every output to nothing; remove it")
-        check_template(self.template)
-        return self
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        check_template(value)
+        return value
 
 
 class ForgettingProbeConfig(Section):
-    prompts: Path = Field(description="Held-out general prompts: .txt (one per line) or JSONL/JSON/Parquet/CSV in `format`.")
+    prompts: PathValue = Field(description="Held-out general prompts: .txt (one per line) or JSONL/JSON/Parquet/CSV in `format`.")
     format: RowFormat = Field("self_instruct", description="Row layout of the prompts file (ignored for .txt).")
     n: Int = Field(32, ge=1, description="Prompts the base model answers; the forgetting metrics are measured on its answers.")
     seed: Seed | None = Field(0, description="Shuffle prompts with this seed before taking n; None keeps file order.")
@@ -73,10 +89,11 @@ class ForgettingProbeConfig(Section):
     stop: list[str] = Field(default_factory=list, description="The base answers are cut at the first of these strings.")
     batch_size: Int = Field(8, ge=1, description="Prompts per generation or scoring batch.")
 
-    @model_validator(mode="after")
-    def _template(self) -> ForgettingProbeConfig:
-        check_template(self.template)
-        return self
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        check_template(value)
+        return value
 
 
 class TasksFile(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import io
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ def read_yaml_text(text: str, source: str) -> tuple[Any, Locations]:
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
     try:
-        document = _yaml().load(text)
+        reader = _yaml()
+        document = reader.load(text)
+        _refuse_tags(reader, text, source)
     except MarkedYAMLError as err:
         raise ConfigError(_yaml_problem(err, source, text)) from None
     except YAMLError as err:
@@ -136,9 +139,45 @@ def _first_line_of_key(text: str, key: str, mapping_line: int, duplicate: Any) -
     return duplicate.line + 1
 
 
+def _refuse_tags(reader, text: str, source: str) -> None:
+    """Any explicit tag (`!!int "3"`, `!!binary ...`, `!custom {...}`) is refused: a tag changes what a
+    value is behind the reader's back, and no lorafleet file needs one."""
+    for event in reader.parse(text):
+        tag = getattr(event, "tag", None)
+        if tag is not None:
+            raise ConfigError(
+                Problem(
+                    f"YAML tags ({tag.replace('tag:yaml.org,2002:', '!!')}) are not allowed in lorafleet files",
+                    file=source,
+                    line=event.start_mark.line + 1,
+                    fix="write the plain value without a tag",
+                )
+            )
+
+
+def _kind_of_key(key: Any) -> str:
+    if key is None:
+        return "nothing"
+    if isinstance(key, tuple):  # ruamel's key for `? [a, b]`
+        return "a list"
+    return "a mapping" if isinstance(key, Mapping) else f"a {type(key).__name__}"
+
+
+def _key_line(node: Any, key: Any) -> int:
+    """The 1-based line where `key` is written: in `node` itself, or in a mapping merged into it with
+    `<<: *anchor` (such keys are written where the anchor is)."""
+    position = (node.lc.data or {}).get(key)
+    if position is not None:
+        return position[0] + 1
+    for merged in getattr(node, "merge", ()):
+        if key in merged:
+            return _key_line(merged, key)
+    return node.lc.line + 1
+
+
 def _plain(node: Any, path: tuple, locations: Locations, source: str) -> Any:
     """ruamel's round-trip objects as plain Python, recording each key's line on the way."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
     if isinstance(node, CommentedMap):
         if not path:
@@ -146,9 +185,16 @@ def _plain(node: Any, path: tuple, locations: Locations, source: str) -> Any:
         out = {}
         for key in node:
             if not isinstance(key, (str, int, float, bool)) or isinstance(key, (CommentedMap, CommentedSeq)):
-                raise ConfigError(Problem(f"a key must be a plain name, got {type(key).__name__}", file=source, line=node.lc.line + 1))
+                raise ConfigError(
+                    Problem(
+                        f"a key must be a plain name, not {_kind_of_key(key)}",
+                        file=source,
+                        line=_key_line(node, key),
+                        fix="write a field name before the colon",
+                    )
+                )
             name = str(key) if not isinstance(key, str) else key
-            locations.lines[path + (name,)] = node.lc.key(key)[0] + 1
+            locations.lines[path + (name,)] = _key_line(node, key)
             out[name] = _plain(node[key], path + (name,), locations, source)
         return out
     if isinstance(node, CommentedSeq):
@@ -157,15 +203,6 @@ def _plain(node: Any, path: tuple, locations: Locations, source: str) -> Any:
             locations.lines[path + (index,)] = node.lc.item(index)[0] + 1
             out_list.append(_plain(item, path + (index,), locations, source))
         return out_list
-    if isinstance(node, TaggedScalar) or getattr(node, "tag", None) is not None and getattr(node.tag, "value", None):
-        raise ConfigError(
-            Problem(
-                f"YAML tags ({getattr(getattr(node, 'tag', None), 'value', '!tag')}) are not allowed in lorafleet files",
-                file=source,
-                line=locations.line(path),
-                fix="write the plain value without a tag",
-            )
-        )
     if isinstance(node, bool) or node is None:
         return node
     if isinstance(node, int):

@@ -104,10 +104,10 @@ def test_task_data_errors_name_row_and_existing_fields(tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}, {"question": "c", "answer": "d"}])
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text(f"tasks:\n  - {{name: t, path: {data}, metric: exact_match}}\n")
-    with pytest.raises(ValueError, match=r"rows.jsonl: line 2: field 'prompt' is missing .*\['answer', 'question'\]"):
+    with pytest.raises(ValueError, match=r"rows.jsonl': line 2: field 'prompt' is missing .*\['answer', 'question'\]"):
         load_tasks_file(tasks)
     tasks.write_text(f"tasks:\n  - {{name: t, path: {tmp_path / 'nope.jsonl'}, metric: exact_match}}\n")
-    with pytest.raises(ValueError, match="nope.jsonl: no such file"):
+    with pytest.raises(ValueError, match="nope.jsonl': no such file"):
         load_tasks_file(tasks)
 
 

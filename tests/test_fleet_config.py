@@ -170,3 +170,58 @@ def test_cli_fails_fast_on_an_address_where_no_cluster_listens(tmp_path, toy_dat
     assert result.exit_code == 2
     assert f"could not join the Ray cluster at '127.0.0.1:{port}': nothing answers" in result.output
     assert not ray.is_initialized()
+
+
+def test_ten_different_problems_are_all_reported_before_ray_starts(tmp_path, toy_data, tiny_model_dir):
+    """Config, data, tasks, compose and resources problems together, each with file, line, field, value and fix."""
+    import ray
+
+    missing_field = tmp_path / "rows.jsonl"
+    missing_field.write_text('{"prompt": "Q: 1+1?", "answer": " 2"}\n')
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"tasks:\n  - name: t\n    path: {toy_data['eval']}\n    metric: accuracy\n")
+    text = f"""name: ten
+defaults:
+  model: {tiny_model_dir}
+  data: {{train: {{path: {toy_data['train']}}}}}
+jobs:
+  - name: config
+    lora: {{r: 0}}
+    optim: {{lrr: 0.1}}
+    train: {{max_steps: ten}}
+  - name: paths
+    data: {{train: {{path: {tmp_path / 'nope.jsonl'}}}}}
+  - name: rows
+    data: {{train: {{path: {missing_field}}}}}
+  - name: targets
+    lora: {{targets: [no_such_module]}}
+  - name: tasks
+    eval: {{tasks: {tasks}}}
+  - name: big
+    resources: {{gpus_per_job: 2, cpus_per_job: 4}}
+  - name: rows
+compose:
+  - {{name: mix, adapters: [config, nobody]}}
+output_dir: {tmp_path / 'run'}
+"""
+    path = write_fleet(tmp_path, text)
+    result = CliRunner().invoke(app, ["run", str(path), "--num-cpus", "2"])
+    assert result.exit_code == 2 and not ray.is_initialized()
+    lines = [line.strip() for line in result.output.splitlines()[1:] if line.strip()]
+    expected = [
+        ("jobs.0.lora.r = 0", ":7:"),
+        ("jobs.0.optim.lrr = 0.1", ":8:"),
+        ("jobs.0.train.max_steps = 'ten'", ":9:"),
+        ("jobs.1.data.train.path", ":11:"),
+        ("jobs.2.data.train.path", ":13:"),
+        ("jobs.3.lora.targets = ['no_such_module']", ":15:"),
+        ("tasks.0.metric = 'accuracy'", f"{tasks}:4:"),
+        ("jobs.5.resources.cpus_per_job = 4", ":19:"),
+        ("jobs.6.name = 'rows'", ":20:"),
+        ("compose.0.adapters.1 = 'nobody'", ":22:"),
+    ]
+    assert result.output.startswith("error: invalid fleet file (10 problems)"), result.output
+    for field, where in expected:
+        matching = [line for line in lines if field in line]
+        assert len(matching) == 1, (field, lines)
+        assert where in matching[0] and "(fix: " in matching[0], matching[0]

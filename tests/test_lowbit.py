@@ -97,7 +97,7 @@ def test_the_hqq_base_stays_frozen_and_the_adapter_round_trips(tiny_model_dir, t
     assert all(before[name] == after[name] for name in before), [name for name in before if before[name] != after[name]]
     assert not any(p.requires_grad for name, p in model.named_parameters() if "lora_" not in name)
 
-    save_adapter(model, "adapter0", tmp_path / "adapter", adapter_metadata(base_identity(str(tiny_model_dir)), quant, "roundtrip"))
+    save_adapter(model, "adapter0", tmp_path / "adapter", adapter_metadata(base_identity(str(tiny_model_dir)), quant, "roundtrip", "auto"))
     loaded = PeftModel.from_pretrained(hqq_base(tiny_model_dir, 2), tmp_path / "adapter").eval()
     probe = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -7,7 +7,7 @@ import math
 import time
 
 import pytest
-from schema.yamlfile import dump_yaml
+from schema.yamlfile import dump_yaml, read_yaml_text
 import torch
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -38,6 +38,12 @@ def test_learns_the_toy_task_and_writes_every_output(make_job):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-20", "step-30"]  # keep: 2
     final = json.loads((out / "final.json").read_text())
     assert final["steps"] == 30 and final["eval_loss"] == pytest.approx(result.eval_loss)
+    # The model card: front matter the hub and peft read, and the training's facts.
+    card = (out / "adapter" / "README.md").read_text()
+    front, _ = read_yaml_text(card.split("---")[1], "card")
+    assert front["library_name"] == "peft" and front["base_model"] == str(config.model) and "lorafleet" in front["tags"]
+    assert "30 optimizer steps" in card and f"{final['tokens']:,} tokens trained" in card and f"{result.eval_loss:.4g} after" in card
+    assert json.loads((out / "adapter" / "lorafleet.json").read_text())["quant"]["bits"] == 4
 
     events = EventAccumulator(str(out / "tb"))
     events.Reload()

@@ -8,6 +8,7 @@ import torch. Importing the package also silences one library line that reads li
 from __future__ import annotations
 
 import logging
+import warnings
 from importlib import import_module
 
 
@@ -19,6 +20,9 @@ def _drop_missing_kernels_notice(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kernels_notice)
+# transformers 5 renamed gradient checkpointing to activation checkpointing; peft (0.21) still calls the old
+# names at every adapter creation. The warning is peft's to act on, not the user's.
+warnings.filterwarnings("ignore", message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated", category=FutureWarning)
 
 _EXPORTS = {
     "JobError": "trainer.errors",

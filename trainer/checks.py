@@ -15,7 +15,8 @@ from data_pipeline.errors import DataError
 from schema.jobdir import JobDir
 from schema.job import TARGET_PRESETS, JobConfig
 from schema.data import DataConfig
-from schema.loading import JobEntry, load_job, load_tasks
+from schema.loading import JobEntry, Placement, load_job, load_tasks_placed
+from schema.outputs import output_problem
 from schema.problems import ConfigError, Problem
 from schema.tasks import TasksFile
 from trainer.specs import ModelSpecError, group_size_problem, linear_layers, locate_model
@@ -40,7 +41,8 @@ def check_job(config: JobConfig, *, deep: bool = True) -> list[Problem]:
         try:
             read_prompts(rehearsal.prompts, rehearsal.format)
         except DataError as err:
-            problems.append(Problem.at(("forgetting", "rehearsal", "prompts"), str(rehearsal.prompts), str(err), "give a readable prompts file"))
+            message = str(err).removeprefix(f"{rehearsal.prompts}: ")  # the problem names the path already
+            problems.append(Problem.at(("forgetting", "rehearsal", "prompts"), str(rehearsal.prompts), message, "give a readable prompts file"))
     return problems
 
 
@@ -48,6 +50,9 @@ def _output_problems(config: JobConfig) -> list[Problem]:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         return [Problem.at(("output_dir",), str(out), "is an existing file, not a directory", "choose a directory path for output_dir")]
+    # A job resumes in a directory it wrote (overwrite=True lets ours pass); anything else there stays untouched.
+    if (foreign := output_problem(out, overwrite=True, location=("output_dir",))) is not None:
+        return [foreign]
     job_dir = JobDir(out)
     try:
         diffs = job_dir.differences(config.model_dump(mode="json"))
@@ -105,44 +110,49 @@ def data_problems(config: JobConfig) -> list[Problem]:
     sources = [(("data", "train", i), s) for i, s in enumerate(data.train)] + ([(("data", "eval"), data.eval)] if data.eval else [])
     for location, source in sources:
         try:
-            validate_source(source, data.template)
+            validate_source(source, data.template, data.max_bad_frac)
         except DataError as err:
             # The message starts with the path when it is about the path itself; the problem names it already.
-            problems.append(Problem.at(location + ("path",), source.path, str(err).removeprefix(f"{source.path}: ")))
+            message = str(err).removeprefix(f"{source.path}: ")
+            problems.append(Problem.at(location + ("path",), source.path, message, "fix the file or its rows, or the source's path, format, fields or template"))
     return problems
 
 
 def tasks_file_problems(path: Path) -> list[Problem]:
     """Problems of a tasks file: its schema (file:line), then every task's rows and the probe's prompts."""
     try:
-        tasks = load_tasks(path)
+        tasks, placement = load_tasks_placed(path)
     except ConfigError as err:
         return err.problems
-    return _rows_problems(tasks, path)
+    return _rows_problems(tasks, placement)
 
 
-def _rows_problems(tasks: TasksFile, path: Path) -> list[Problem]:
+def _rows_problems(tasks: TasksFile, placement: Placement) -> list[Problem]:
+    """Each task whose rows do not read, and a probe whose prompts do not, at the line of its path."""
     from data_pipeline.rows import probe_prompts, task_rows
 
     problems = []
-    for task in tasks.tasks:
+    for index, task in enumerate(tasks.tasks):
         try:
             task_rows(task)
         except DataError as err:
-            problems.append(Problem(f"task '{task.name}': {err}", file=str(path), fix="fix the task's path, format, fields or where"))
+            # The problem names the task and its path already; the message need not repeat them.
+            message = str(err).removeprefix(f"task '{task.name}': ").removeprefix(f"{task.path}: ")
+            problems.append(Problem.at(("tasks", index, "path"), str(task.path), message, "fix the task's path, format, fields or where"))
     if tasks.forgetting is not None:
         try:
             probe_prompts(tasks.forgetting)
         except DataError as err:
-            problems.append(Problem(f"forgetting probe: {err}", file=str(path), fix="fix forgetting.prompts or its format"))
-    return problems
+            message = str(err).removeprefix(f"{tasks.forgetting.prompts}: ")
+            problems.append(Problem.at(("forgetting", "prompts"), str(tasks.forgetting.prompts), message, "fix forgetting.prompts or its format"))
+    return [placement.locate(problem) for problem in problems]
 
 
 def load_tasks_file(path: str | Path) -> TasksFile:
     """A tasks file validated and its rows read (cheap), so a missing field or file fails here, before any
     model loads. Raises ConfigError listing every problem."""
-    tasks = load_tasks(path)
-    problems = _rows_problems(tasks, Path(path))
+    tasks, placement = load_tasks_placed(path)
+    problems = _rows_problems(tasks, placement)
     if problems:
         raise ConfigError(problems, title=f"invalid tasks file {path}")
     return tasks

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from schema.atomic import atomic_directory, json_text, write_json_atomic, write_
 from schema.job import JobConfig
 from schema.jobdir import JobDir
 from schema.loading import load_tasks
-from trainer.adapters import SharedBase, adapter_metadata, parameter_groups, save_adapter
+from trainer.adapters import SharedBase, adapter_metadata, parameter_groups, routed, save_adapter
+from trainer.card import model_card
 from trainer.checkpoint import CheckpointError, find_resume, load_checkpoint, prune, save_checkpoint
 from trainer.engines import DeepSpeedEngine, LocalEngine, World
 from trainer.errors import JobError
@@ -35,6 +37,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.packing import DropoutClock
 from trainer.tracking import Tracker, peak_memory_bytes
 
+COMMAND_ENV = "LORAFLEET_COMMAND"  # the command line that started the training (the model card quotes it)
 BEST = "best"  # checkpoints/best/: the adapter with the lowest eval/loss so far (checkpoint.select best_eval_loss)
 
 
@@ -75,6 +78,7 @@ class Shared:
     dtype: torch.dtype
     base_identity: dict  # trainer.specs.base_identity: what every adapter records about its base
     base_references: dict[Path, BaseReference] = field(default_factory=dict)  # per tasks file: the base's answers, computed once
+    untrained_metrics: dict[Path, dict[str, float]] = field(default_factory=dict)  # per tasks file: an untrained adapter's task metrics
 
 
 def finished_result(config: JobConfig) -> JobResult | None:
@@ -285,19 +289,31 @@ class AdapterJob:
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, at_step: int) -> dict[str, float]:
+        if self.tracker is not None:
+            self.tracker.phase("evaluating" if at_step else "evaluating before training")
         base = self.shared.base
         base.router.route_all(self.adapter)
         metrics = {"eval/loss": evaluate_loss(base.model, self.eval_batches, self.config.eval.max_batches)} if self.eval_batches else {}
         if self.tasks is not None:
-            reference = self.shared.base_references.get(self.config.eval.tasks)
+            tasks_file = self.config.eval.tasks
+            reference = self.shared.base_references.get(tasks_file)
             if reference is None:
                 from trainer.evaluation.tasks import build_base_reference
 
                 # What the base does on the tasks and the forgetting probe (adapters off): the drift reference.
-                reference = self.shared.base_references[self.config.eval.tasks] = build_base_reference(base.model, self.shared.tokenizer, self.tasks)
-            metrics.update(evaluate_tasks(base.model, self.shared.tokenizer, self.tasks, base_reference=reference))
+                reference = self.shared.base_references[tasks_file] = build_base_reference(base.model, self.shared.tokenizer, self.tasks)
+            if at_step == 0 and self._adapter_is_zero() and tasks_file in self.shared.untrained_metrics:
+                # An untrained LoRA adds exact zeros: every job of the pack with these tasks scores what the first did.
+                metrics.update(self.shared.untrained_metrics[tasks_file])
+            else:
+                task_metrics = evaluate_tasks(base.model, self.shared.tokenizer, self.tasks, base_reference=reference)
+                if at_step == 0 and self._adapter_is_zero():
+                    self.shared.untrained_metrics[tasks_file] = task_metrics
+                metrics.update(task_metrics)
         if metrics:
             self.log(at_step, metrics)
+        if self.tracker is not None:
+            self.tracker.phase(None)
         return metrics
 
     # -- checkpoints and results -------------------------------------------------------------------
@@ -365,6 +381,10 @@ class AdapterJob:
     def save_adapter(self, directory: Path) -> None:
         save_adapter(self.shared.base.model, self.adapter, directory, adapter_metadata(self.shared.base_identity, self.config.quant, self.name, self.config.data.template))
 
+    def _adapter_is_zero(self) -> bool:
+        """A plain LoRA whose B matrices are all zero (as peft creates them): its model is exactly the base."""
+        return routed(self.config.lora) and all(not p.any() for name, p in self.parameters if "lora_B" in name)
+
     def _check_finite(self, what: str) -> None:
         bad = [name for name, p in self.parameters if not torch.isfinite(p).all()]
         if bad:
@@ -392,14 +412,21 @@ class AdapterJob:
             selected_step=selected["step"] if selected else None,
         )
         if self.tracker is not None:
-            if selected:
-                best_adapter = self.dir.checkpoints / BEST / "adapter"
-                atomic_directory(self.dir.adapter, lambda staging: shutil.copytree(best_adapter, staging, dirs_exist_ok=True))
-            else:
+            metadata = adapter_metadata(self.shared.base_identity, self.config.quant, self.name, self.config.data.template)
+            card = model_card(self.config, result.to_dict(), metadata, os.environ.get(COMMAND_ENV))
+
+            def fill(staging: Path) -> None:
+                if selected:
+                    shutil.copytree(self.dir.checkpoints / BEST / "adapter", staging, dirs_exist_ok=True)
+                else:
+                    self.save_adapter(staging)
+                (staging / "README.md").write_text(card)  # the model card: base, data, steps, losses, metrics
+
+            if not selected:
                 self._check_finite("the final adapter")
-                atomic_directory(self.dir.adapter, self.save_adapter)
+            atomic_directory(self.dir.adapter, fill)
             final_metrics = {"hparam/train_loss": self.train_loss, "hparam/eval_loss": result.eval_loss}
-            self.tracker.log_hparams(_flatten(self.config.model_dump(mode="json")), {k: v for k, v in final_metrics.items() if v is not None})
+            self.tracker.log_hparams(self.config.model_dump(mode="json"), {k: v for k, v in final_metrics.items() if v is not None}, self.step)
             self.tracker.close()
             write_json_atomic(self.dir.final_file, result.to_dict())
         self.shared.world.barrier()
@@ -439,17 +466,6 @@ def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _no_op(*_: Any) -> None:

@@ -10,6 +10,7 @@ pack when it reaches its max_steps or fails. A caller may add jobs between steps
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ from trainer.job import AdapterJob, JobResult, Shared, evaluate_loss, finished_r
 from trainer.losses import MODEL_INPUTS, loss_terms
 from trainer.models import compute_dtype, default_device, load_base_model, load_tokenizer
 from trainer.specs import ModelSpecError, base_identity
-from trainer.tracking import configure_console
+from trainer.tracking import configure_console, plain_console
 
 __all__ = ["JobResult", "evaluate_loss", "run_job", "run_pack"]
 
@@ -56,9 +57,10 @@ def run_pack(configs: Sequence[JobConfig], report: Report | None = None, joins: 
     if not pending:
         return outcomes
     key = pack_key(pending[0])
-    shared = _load_shared(pending[0])
+    display = len(pending) == 1 and joins is None and not plain_console()
+    with _status("loading the base model and the data" if display else None):
+        shared = _load_shared(pending[0])
     jobs: list[AdapterJob] = []
-    display = len(pending) == 1 and joins is None
     emit = report or (lambda event: None)
 
     def admit(config: JobConfig) -> None:
@@ -157,6 +159,15 @@ def run_pack(configs: Sequence[JobConfig], report: Report | None = None, joins: 
         for job in jobs:
             job.close()
     return outcomes
+
+
+def _status(text: str | None):
+    """A spinner with `text` on a terminal while the job cannot show steps yet; nothing otherwise."""
+    if text is None:
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
 
 
 def _load_shared(config: JobConfig) -> Shared:

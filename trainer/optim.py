@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import warnings
 
 import bitsandbytes as bnb
 import torch
@@ -19,7 +22,18 @@ OPTIMIZERS = {
 
 
 def build_optimizer(param_groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
+    if optim.name.startswith("paged_") and not torch.cuda.is_available():
+        _explain_paging_on_cpu()
     return OPTIMIZERS[optim.name](param_groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+
+
+@functools.cache
+def _explain_paging_on_cpu() -> None:
+    """Said once per process instead of bitsandbytes' warning at every optimizer state it creates."""
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    logging.getLogger("lorafleet.trainer").info(
+        "paged AdamW on a CPU: bitsandbytes pages optimizer state between GPU and CPU memory only, so here it stays in memory (same results)"
+    )
 
 
 def warmup_steps(optim: OptimConfig, max_steps: int) -> int:

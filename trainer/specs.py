@@ -184,7 +184,11 @@ def spec_for_adapter(adapter_dir: str | Path) -> str:
     adapter_dir = Path(adapter_dir)
     metadata = adapter_dir / "lorafleet.json"
     if metadata.is_file():
-        spec = json.loads(metadata.read_text()).get("base", {}).get("spec")
+        try:
+            recorded = json.loads(metadata.read_text())
+        except (ValueError, UnicodeDecodeError):
+            recorded = {}  # a damaged lorafleet.json: adapter_config.json still names the base
+        spec = recorded.get("base", {}).get("spec") if isinstance(recorded, dict) and isinstance(recorded.get("base"), dict) else None
         try:
             if spec:
                 locate_model(spec)
@@ -192,7 +196,11 @@ def spec_for_adapter(adapter_dir: str | Path) -> str:
         except ModelSpecError:
             pass
     config = adapter_dir / "adapter_config.json"
-    named = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    try:
+        recorded = json.loads(config.read_text()) if config.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelSpecError(f"{config}: not valid JSON ({err})") from None
+    named = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
     if not named:
         raise ModelSpecError(f"{adapter_dir}: the adapter names no base model (no lorafleet.json, empty base_model_name_or_path); pass --base")
     return next((preset for preset, entry in PRESETS.items() if entry.upstream == named), named)
