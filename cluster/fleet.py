@@ -2,9 +2,10 @@
 
 Placement. A worker set holds one placement group: one bundle (one slot: a GPU, or `cpus_per_job` CPUs
 on a CPU-only cluster) for a pack worker, two bundles on one node for a 2-GPU job. Queued jobs that share
-a compatibility group (`schema.job.pack_key` plus their resources) start together as one pack of up to
-`packing.max_adapters` on one worker; when a job of a running pack ends, the next queued job of its group
-joins that worker (no new process, no base reload). Jobs that run alone (2-GPU, DoRA, AdaLoRA, VeRA,
+a compatibility group (`schema.job.pack_key` plus their resources) train together as one pack of up to
+`packing.max_adapters` on one worker. Spread first: while slots are free, a group's queued jobs are spread
+evenly over them, one pack per slot; once none is free, a job joins a running pack of its group with room
+(no new process, no base reload), which is how a pack refills as its jobs end. Jobs that run alone (2-GPU, DoRA, AdaLoRA, VeRA,
 `packing: false`) get a worker set each.
 
 Order. Jobs start in fleet order, with one exception stated in one sentence: while the job at the head
@@ -245,31 +246,55 @@ class FleetRunner:
             self.record.jobs[head].passed_by.append(passed)
 
     def _start(self, name: str) -> bool:
-        """Start `name` now if it can, cheapest first: join a running pack of its group with room (same
-        base, no reload); start a new pack on an idle worker set of its shape (same process); or ask Ray
-        for a new worker set when a node has room. A new pack takes the next queued jobs of its group."""
+        """Start `name` now if it can. Spread first: while worker sets of its shape are free (idle, or room on
+        a node), a new pack starts there, and the queued jobs of its group are spread evenly over the free
+        ones (`ceil(queued / free)` per pack, at most `max_adapters`): a slot that sits idle while another
+        trains two adapters costs makespan. Once none is free, the job joins a running pack of its group
+        with room (no new process, no base reload)."""
         job = self.jobs[name]
-        joinable = next(
-            (w for w in self.workers.values()
-             if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1 and self.reuse_workers),
-            None,
-        )
-        if joinable is not None:
+        free = self._free_worker_sets(job.shape)
+        if free == 0:
+            joinable = next(
+                (w for w in self.workers.values()
+                 if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1 and self.reuse_workers),
+                None,
+            )
+            if joinable is None:
+                return False
             self.queue.remove(name)
             self._assign(joinable, [name], "join")
             return True
         idle = next((w for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == job.shape and self.reuse_workers), None)
-        if idle is None and (self.placing is not None or not self._fits(job.shape) or self._at_slot_cap(job.shape)):
-            return False
+        if idle is None and self.placing is not None:
+            return False  # one placement at a time; the next scan comes when it is ready
         worker = idle or self._place(job.shape)
         worker.group = job.group
         capacity = self.max_adapters if job.shape.workers == 1 else 1
         worker.capacity = capacity
-        companions = [other for other in self.queue if other != name and self.jobs[other].group == job.group][: capacity - 1]
+        group = [other for other in self.queue if self.jobs[other].group == job.group]
+        size = min(capacity, math.ceil(len(group) / free))
+        companions = [other for other in group if other != name][: size - 1]
         for member in [name, *companions]:
             self.queue.remove(member)
         self._assign(worker, [name, *companions], "next")
         return True
+
+    def _free_worker_sets(self, shape: JobShape) -> int:
+        """Worker sets of `shape` that could take a new pack now: idle ones, and new ones the nodes' free
+        capacity holds (less the one placement in flight), within --max-concurrent."""
+        need_cpus, need_gpus = shape.workers * shape.cpus_per_worker, shape.workers * shape.gpus_per_worker
+        new = 0
+        for node, capacity in self.capacity.items():
+            free_cpus, free_gpus = capacity["CPU"] - self.used[node]["CPU"], capacity["GPU"] - self.used[node]["GPU"]
+            fits = [free_cpus // need_cpus if need_cpus else math.inf, free_gpus // need_gpus if need_gpus else math.inf]
+            new += int(min(min(fits), len(self.jobs)))  # a node without any need to meet holds at most every job
+        if self.placing is not None:
+            new = max(0, new - 1)
+        if self.max_concurrent is not None:
+            in_use = sum(w.shape.workers for w in self.workers.values())
+            new = min(new, max(0, (self.max_concurrent - in_use) // shape.workers))
+        idle = sum(1 for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == shape) if self.reuse_workers else 0
+        return idle + new
 
     def _place(self, shape: JobShape) -> WorkerSet:
         """Ask Ray for a new worker set's placement group (one at a time, on a node known to have room)."""
@@ -302,19 +327,6 @@ class FleetRunner:
         else:
             worker.first_jobs += names
         self._dirty = True
-
-    def _fits(self, shape: JobShape) -> bool:
-        """Some node has room for all of `shape`'s bundles (the scheduler's own count of what it holds)."""
-        need_cpus, need_gpus = shape.workers * shape.cpus_per_worker, shape.workers * shape.gpus_per_worker
-        return any(
-            self.capacity[node]["CPU"] - self.used[node]["CPU"] >= need_cpus and self.capacity[node]["GPU"] - self.used[node]["GPU"] >= need_gpus
-            for node in self.capacity
-        )
-
-    def _at_slot_cap(self, shape: JobShape) -> bool:
-        if self.max_concurrent is None:
-            return False
-        return sum(w.shape.workers for w in self.workers.values()) + shape.workers > self.max_concurrent
 
     def _close_idle(self) -> None:
         """A worker whose pack is empty gives its slot back unless a queued job of its group may join it."""

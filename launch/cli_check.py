@@ -42,7 +42,7 @@ def check_command(config_file: Path, overrides: list[str], show_config: bool) ->
         problems = loaded.problems + check_entry(loaded.entry)
     for job in jobs:
         _describe_job(out, job, show_config)
-    out.print(_placement_table(jobs))
+    out.print(_placement_table(jobs, loaded.config.packing.max_adapters if is_fleet and loaded.config else None))
     if problems:
         fail(ConfigError(problems, title=f"{config_file}"), code=EXIT_PROBLEMS)
     out.print(f"[green]no problems[/] in {escape(str(config_file))}", highlight=False)
@@ -84,16 +84,38 @@ def _local_nodes() -> list:
     return [local_node()] if cluster_address(None) is None else None
 
 
-def _placement_table(jobs: list) -> Table:
+def _placement_table(jobs: list, max_adapters: int | None) -> Table:
+    """Each job's worker shape, and which jobs may share a worker and its base (one pack group per
+    schema.job.pack_key and shape; None for a job file, which always trains alone)."""
     from cluster.capacity import cluster_has_gpus, job_shape
+    from schema.job import pack_key
 
     gpus = cluster_has_gpus(_local_nodes() or [])
-    table = Table(title="placement", title_justify="left")
-    for column in ("job", "workers", "per worker", "engine"):
+    title = "placement" if max_adapters is None else f"placement (packs of up to {max_adapters} adapters share a worker and its base)"
+    table = Table(title=title, title_justify="left")
+    for column in ("job", "workers", "per worker", "engine", *(["pack group"] if max_adapters is not None else [])):
         table.add_column(column)
-    for job in jobs:
-        shape = job_shape(job.resources, gpus)
+    shapes = [job_shape(job.resources, gpus) for job in jobs]
+    groups: dict[tuple, list[str]] = {}
+    for job, shape in zip(jobs, shapes):
+        groups.setdefault((*pack_key(job), shape), []).append(job.name)
+    labels = {key: _group_label(index) for index, key in enumerate(groups)}
+    for job, shape in zip(jobs, shapes):
         per_worker = f"{shape.cpus_per_worker} CPU" + (f" + {shape.gpus_per_worker} GPU" if shape.gpus_per_worker else "")
         engine = "DeepSpeed ZeRO-2" if shape.workers > 1 else "one process"
-        table.add_row(escape(job.name), str(shape.workers), per_worker, engine)
+        row = [escape(job.name), str(shape.workers), per_worker, engine]
+        if max_adapters is not None:
+            key = (*pack_key(job), shape)
+            row.append("alone" if key[0] == "alone" else f"{labels[key]} ({len(groups[key])} jobs)")
+        table.add_row(*row)
     return table
+
+
+def _group_label(index: int) -> str:
+    """A, B, ..., Z, AA, AB, ...: short names for pack groups."""
+    label = ""
+    index += 1
+    while index:
+        index, remainder = divmod(index - 1, 26)
+        label = chr(ord("A") + remainder) + label
+    return label

@@ -8,61 +8,15 @@ import json
 import re
 from pathlib import Path
 
-import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperCommand
 
 from launch.console import fail, options_error
+from launch.options import ListOptionsCommand, split_list_option
 from schema.compose import COMPOSE_METHODS
 from schema.problems import ConfigError, Problem
-
-NUMBER = re.compile(r"-\d|-\.\d")
-LIST_OPTIONS = ("--adapters", "--weights")
-
-
-def join_option_values(args: list[str], list_options: tuple[str, ...]) -> list[str]:
-    """`--adapters A B C` as `--adapters A,B,C`: the values after a list option, up to the next option,
-    joined with commas (a negative number is a value, not an option)."""
-    joined: list[str] = []
-    tokens = iter(args)
-    pending: list[str] | None = None
-    for token in tokens:
-        if pending is not None and (not token.startswith("-") or NUMBER.match(token)):
-            pending.append(token)
-            continue
-        if pending:
-            joined.append(",".join(pending))
-        pending = [] if token in list_options else None
-        joined.append(token)
-        if token == "--":  # everything after it is positional
-            joined.extend(tokens)
-            break
-    if pending:
-        joined.append(",".join(pending))
-    return joined
-
-
-def refuse_empty_list_options(args: list[str], list_options: tuple[str, ...]) -> None:
-    """A list option followed by another option or nothing: click would take the next option's name as
-    its value (`--adapters --out mix` reads as --adapters '--out', then reports --out missing)."""
-    for position, token in enumerate(args):
-        if token == "--":
-            return
-        following = args[position + 1] if position + 1 < len(args) else None
-        if token in list_options and (following is None or (following.startswith("-") and not NUMBER.match(following))):
-            raise typer.BadParameter(f"needs at least one value, e.g. {token} A B", param_hint=f"'{token}'")
-
-
-class ListOptionsCommand(TyperCommand):
-    """A command whose --adapters and --weights take several values (`--weights 0.5 0.3 0.2`), as click
-    options take one each; the comma-joined and repeated forms work as well."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        refuse_empty_list_options(args, LIST_OPTIONS)
-        return super().parse_args(ctx, join_option_values(args, LIST_OPTIONS))
 
 
 def energy_table(record: dict) -> Table:
@@ -112,9 +66,9 @@ def register(app: typer.Typer) -> None:
         from schema.compose import ComposeConfig
         from schema.outputs import output_problem
 
-        adapter_list = [item for value in adapters for item in value.split(",") if item]
+        adapter_list = split_list_option(adapters)
         try:
-            weight_list = [float(item) for value in weights for item in value.split(",") if item]
+            weight_list = [float(item) for item in split_list_option(weights)]
         except ValueError as err:
             fail(f"--weights {weights}: {err}; give numbers, e.g. --weights 0.5 0.3 0.2")
         try:
@@ -144,7 +98,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("restore")
     def restore_command(
-        adapter: Path = typer.Argument(..., help="PEFT adapter directory (its lorafleet.json says the precision it was trained at; 4-bit NF4 if it has none)."),
+        adapter: Path = typer.Argument(..., help="PEFT adapter directory (its lorafleet.json says the precision it was trained at; 4-bit NF4 if it has none).", metavar="ADAPTER"),
         base_precision: int = typer.Option(
             ...,
             "--base-precision",
@@ -188,7 +142,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plr")
     def plr_command(
-        adapter: Path = typer.Argument(..., help="PEFT adapter directory."),
+        adapter: Path = typer.Argument(..., help="PEFT adapter directory.", metavar="ADAPTER"),
         tasks: Path = typer.Option(..., "--tasks", help="Tasks YAML: task metrics and the forgetting probe."),
         out: Path | None = typer.Option(None, "--out", help="Write plr.json (everything, the per-layer errors too) into this directory."),
         dtype: str | None = typer.Option(None, "--dtype", help="Dtype of the 16-bit base (default: its own)."),

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.console import fail, options_error
+from launch.options import ListOptionsCommand, split_list_option
 from schema.problems import ConfigError, Problem
 
 
@@ -61,11 +62,10 @@ def matrix_table(rows: dict[str, dict[str, float]], columns: list[str], title: s
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval")
+    @app.command("eval", cls=ListOptionsCommand)
     def eval_command(
         tasks_file: Path = typer.Option(..., "--tasks", help="Tasks YAML: tasks (data, template, metric) and a forgetting probe."),
-        adapters: list[Path] = typer.Option([], "--adapters", help="Adapter directories (PEFT): --adapters A B C. None evaluates the base alone."),
-        more_adapters: list[Path] = typer.Argument(None, help="Further adapter directories (this is what lets --adapters take several).", show_default=False),
+        adapters: list[str] = typer.Option([], "--adapters", help="Adapter directories (PEFT): --adapters A B C (or A,B,C, or repeated). None evaluates the base alone.", metavar="DIR..."),
         model: str | None = typer.Option(None, "--model", help="Base model; default: the `model` of the jobs that trained the adapters."),
         bits: int | None = typer.Option(None, "--bits", help="Base precision 4, 8 or 16; default: the adapters' job config, else 4."),
         out: Path = typer.Option(Path("eval_results"), "--out", help="Directory for matrix.csv, matrix.json and transcripts.jsonl."),
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         from trainer.models import load_base_model, load_tokenizer
         from trainer.specs import ModelSpecError
 
-        adapters = [*adapters, *(more_adapters or [])]
+        adapters = [Path(item) for item in split_list_option(adapters)]
         try:
             tasks = load_tasks_file(tasks_file)
             missing = [str(a) for a in adapters if not (a / "adapter_config.json").is_file()]

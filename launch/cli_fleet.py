@@ -21,11 +21,11 @@ EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
 def run(
-    fleet_file: Path = typer.Argument(..., help="Fleet YAML: name, defaults, resources, jobs, output_dir."),
+    fleet_file: Path = typer.Argument(..., help="Fleet YAML: name, defaults, resources, jobs, output_dir.", metavar="FLEET.yaml"),
     address: str = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)."),
     max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="Use at most this many slots at once (default: every slot of the cluster).", metavar="SLOTS"),
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local cluster (default: all of this machine's)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a fleet-file field, e.g. --set defaults.train.max_steps=20 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a fleet-file field, e.g. --set defaults.train.max_steps=20 (repeatable).", metavar="KEY=VALUE"),
 ) -> None:
     """Train every job of a fleet: queued, placed, retried from checkpoints, shown live. Re-running resumes."""
     from cluster.capacity import cluster_has_gpus, job_shape, local_node, slot_count
@@ -77,7 +77,7 @@ def run(
             out.print(f"composed {name}: {Path(fleet.output_dir) / 'compose' / name}")
 
 
-def status(run_dir: Path = typer.Argument(..., help="A fleet's output_dir (holds fleet.json).")) -> None:
+def status(run_dir: Path = typer.Argument(..., help="A fleet's output_dir (holds fleet.json).", metavar="RUN_DIR")) -> None:
     """Print the job table of a running or finished fleet."""
     from cluster.records import read_fleet_record
     from cluster.view import errors_table, jobs_table, summary_table
@@ -97,7 +97,7 @@ def status(run_dir: Path = typer.Argument(..., help="A fleet's output_dir (holds
 
 
 def tb(
-    run_dir: Path = typer.Argument(..., help="A fleet's output_dir."),
+    run_dir: Path = typer.Argument(..., help="A fleet's output_dir.", metavar="RUN_DIR"),
     port: int = typer.Option(6006, "--port", help="Port on 127.0.0.1."),
 ) -> None:
     """Start TensorBoard on 127.0.0.1 over every job's logs (one run per job) and the fleet's own scalars."""

@@ -64,7 +64,7 @@ def test_compose_command_writes_adapter_and_record(two_adapters, tmp_path):
 
 
 def test_list_options_take_several_values():
-    from launch.cli_compose import join_option_values
+    from launch.options import join_option_values
 
     options = ("--adapters", "--weights")
     assert join_option_values(["--adapters", "a", "b", "c", "--weights", "0.5", "-0.25", ".1", "--method", "ties"], options) == [

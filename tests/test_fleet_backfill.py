@@ -84,3 +84,13 @@ def test_packs_and_rolling_joins_on_gpus(two_nodes_of_two_gpus, tmp_path):
     assert all(job.state == "finished" and len(job.attempts) == 1 for job in record.jobs.values())
     assert len(record.workers) == 2 and sum(len(w["jobs"]) for w in record.workers.values()) == 10
     assert record.summary["worker_starts"] == len(record.workers)
+
+
+def test_free_slots_are_filled_before_packs_grow(two_nodes_of_two_gpus, tmp_path):
+    # Three jobs of one group on four free GPUs: a worker each; no GPU idles while another trains two adapters.
+    spread = run(tmp_path / "spread", two_nodes_of_two_gpus, fleet(tmp_path / "spread", [1] * 3, [6, 6, 6]), max_adapters=4)
+    assert sorted(len(w["jobs"]) for w in spread.workers.values()) == [1, 1, 1]
+    # Five jobs on two slots: packs as even as the slots allow.
+    even = run(tmp_path / "even", two_nodes_of_two_gpus, fleet(tmp_path / "even", [1] * 5, [6] * 5), max_adapters=4, max_concurrent=2)
+    assert sorted(len(w["jobs"]) for w in even.workers.values()) == [2, 3]
+    assert all(job.state == "finished" for job in [*spread.jobs.values(), *even.jobs.values()])

@@ -162,7 +162,7 @@ def test_sigkilled_pack_worker_retries_its_jobs_and_each_resumes_exactly(local_r
 
     killer = threading.Thread(target=kill_mid_job, daemon=True)
     killer.start()
-    run_cli("run", str(path))
+    run_cli("run", str(path), "--max-concurrent", "1")  # one slot: a and b share one pack
     killer.join()
     assert killed, "the job finished before the test could kill it"
 
