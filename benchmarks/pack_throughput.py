@@ -129,6 +129,14 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+def memory_available() -> int:
+    """MemAvailable of /proc/meminfo, in bytes (what new processes can take without swapping)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
 def launch(groups: list[list[dict]], work: Path, args: argparse.Namespace, kind: str) -> dict[str, Any]:
     """Start one process per group at once; wait; return their series and the summed peak RSS."""
     processes = []
@@ -216,6 +224,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["| K | aggregate tokens/s ratio | steady tokens/s ratio | peak memory ratio |", "|---:|---:|---:|---:|"]
     for k, ratio in result["ratios"].items():
         lines.append(f"| {k} | {ratio['aggregate_tokens_per_s']:.2f}x | {ratio['steady_tokens_per_s']:.2f}x | {ratio['peak_memory']:.2f}x |")
+    for k, why in result.get("separate_skipped", {}).items():
+        lines += ["", f"K = {k}, separate processes: not run. {why}. The pack of {k} ran in one process."]
     if result.get("hf"):
         hf = result["hf"]
         lines += ["", f"Against the HF Trainer + peft + bitsandbytes baseline run as {hf['k']} processes: the pack of {hf['k']} reaches "
@@ -257,9 +267,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     write_demo_data(ROOT / "examples" / "data")
     _model_dir(args.model)  # convert the GGUF once, before any timing
     rows = []
+    skipped = {}
+    available = memory_available()
     with tempfile.TemporaryDirectory(prefix="pack-bench-") as tmp:
         for k in args.ks:
             for arm in ("separate", "pack"):
+                per_process = [r["peak_rss_bytes_sum"] / r["processes"] for r in rows if r["arm"] == "separate"]
+                if arm == "separate" and per_process and k * max(per_process) > 0.9 * available:
+                    # K processes would not fit in memory: that is a result too (the pack's K does).
+                    skipped[str(k)] = (
+                        f"{k} processes would need about {k * max(per_process) / 2**30:.1f} GiB "
+                        f"({max(per_process) / 2**30:.2f} GiB each, measured), the machine had {available / 2**30:.1f} GiB available"
+                    )
+                    print(f"separate arm at K={k} skipped: {skipped[str(k)]}", flush=True)
+                    continue
                 work = Path(tmp) / f"{arm}-{k}"
                 work.mkdir()
                 raws = [job_raw(i, args, work) for i in range(k)]
@@ -277,6 +298,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             hf = {"k": args.hf_k, "steady_ratio": pack_row["steady_tokens_per_s"] / hf_row["steady_tokens_per_s"], "memory_ratio": pack_row["peak_rss_bytes_sum"] / hf_row["peak_rss_bytes_sum"]}
     ratios = {}
     for k in args.ks:
+        if str(k) in skipped:
+            continue
         pack = next(r for r in rows if r["arm"] == "pack" and r["k"] == k)
         separate = next(r for r in rows if r["arm"] == "separate" and r["k"] == k)
         ratios[str(k)] = {
@@ -291,6 +314,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "settings": vars(args) | {"ks": list(args.ks)},
         "rows": rows,
         "ratios": ratios,
+        "separate_skipped": skipped,
+        "memory_available_bytes": available,
         "hf": hf,
     }
 

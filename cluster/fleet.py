@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,15 +78,14 @@ class FleetJob:
     config: JobConfig
     shape: JobShape
     max_failures: int
+    group: tuple = field(init=False)  # jobs of one group may train in one pack: same base and forward pass, same slot shape
+
+    def __post_init__(self) -> None:
+        self.group = (*pack_key(self.config), self.shape)  # once: the scheduler compares groups every tick
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    @property
-    def group(self) -> tuple:
-        """Jobs of one group may train in one pack: same base and forward pass, same slot shape."""
-        return (*pack_key(self.config), self.shape)
 
 
 @dataclass
@@ -239,11 +238,21 @@ class FleetRunner:
                 continue
             if self.passes >= self.backfill:
                 return  # the head's reservation: nothing passes it any more
-            passed = next((name for name in itertools.islice(self.queue, 1, None) if self._start(name)), None)
+            passed = next((name for name in self._first_of_each_group(head) if self._start(name)), None)
             if passed is None:
                 return
             self.passes += 1
             self.record.jobs[head].passed_by.append(passed)
+
+    def _first_of_each_group(self, head: str) -> Iterator[str]:
+        """The queued jobs behind `head` that could start where the ones before them could not: whether a
+        job starts depends on its group alone, so the first of each group not yet tried stands for the rest."""
+        tried = {self.jobs[head].group}
+        for name in itertools.islice(self.queue, 1, None):
+            group = self.jobs[name].group
+            if group not in tried:
+                tried.add(group)
+                yield name
 
     def _start(self, name: str) -> bool:
         """Start `name` now if it can. Spread first: while worker sets of its shape are free (idle, or room on

@@ -10,17 +10,18 @@ import json
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from schema.atomic import write_json_atomic
+from schema.atomic import json_text, write_text_atomic
 
 FLEET_JSON = "fleet.json"
 
 # Job states, in the order a job passes through them.
 QUEUED, PLACING, STARTING, RUNNING = "queued", "placing", "starting", "running"
 FINISHED, FAILED, INTERRUPTED, SKIPPED = "finished", "failed", "interrupted", "skipped"
+SETTLED = (FINISHED, FAILED, SKIPPED)  # states a job of a running fleet does not leave
 
 
 @dataclass
@@ -70,7 +71,9 @@ class JobRecord:
         return (self.ended_at or time.time()) - self.started_at
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Shallow (dataclasses.asdict deep-copies every result dict): this runs for every job every second.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["attempts"] = [dict(vars(attempt)) for attempt in self.attempts]
         data["attempt"] = self.attempt
         return data
 
@@ -99,12 +102,32 @@ class FleetRecord:
     # time), and when it started and ended.
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: dict[str, Any] | None = None
+    # fleet.json's line of each settled job, encoded once, with the fields that would show a change.
+    _settled_lines: dict[str, tuple[tuple, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "jobs"}
         data["jobs"] = {name: job.to_dict() for name, job in self.jobs.items()}
         data["updated_at"] = time.time()
         return data
+
+    def json_text(self) -> str:
+        """fleet.json: strict JSON (an unknown loss is null, not NaN), one line per job. The driver rewrites
+        it every second; a settled job's line is encoded once, so the cost follows the jobs still moving."""
+        head = {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "jobs"}
+        lines = []
+        for name, job in self.jobs.items():
+            key = (job.state, len(job.attempts), job.ended_at, job.step, id(job.result))
+            cached = self._settled_lines.get(name)
+            if cached is not None and cached[0] == key:
+                line = cached[1]
+            else:
+                line = f"{json.dumps(name)}: {json_text(job.to_dict(), indent=None).rstrip()}"
+                if job.state in SETTLED:
+                    self._settled_lines[name] = (key, line)
+            lines.append(line)
+        head_text = json_text({**head, "updated_at": time.time()}, indent=None).rstrip()
+        return head_text[:-1] + ', "jobs": {\n' + ",\n".join(lines) + "\n}}\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FleetRecord:
@@ -116,7 +139,7 @@ class FleetRecord:
 
     def write(self) -> Path:
         path = Path(self.run_dir) / FLEET_JSON
-        write_json_atomic(path, self.to_dict())  # strict JSON: an unknown loss is null, not NaN
+        write_text_atomic(path, self.json_text())
         return path
 
     def count(self, *states: str) -> int:
