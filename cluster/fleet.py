@@ -9,12 +9,14 @@ evenly over them, one pack per slot; once none is free, a job joins a running pa
 `packing: false`) get a worker set each.
 
 Order. Jobs start in fleet order, with one exception stated in one sentence: while the job at the head
-of the queue cannot be placed, at most `backfill` later jobs may start before it (on free slots, or by
-joining a running pack); after that nothing else starts until the head has its slots. So a 2-GPU job at
-the head waiting for two GPUs on one node lets single-slot jobs use the free slots, but only so many,
-and the head is never starved: once the budget is spent, packs that empty are closed and their slots
-wait for it. One placement group is asked of Ray at a time, on a node the scheduler knows has room, so
-Ray never places a later job ahead of an earlier one.
+of the queue cannot be placed, one node is held for it (no new work lands there) and later jobs may
+start on the other nodes, at most `backfill` of them (no bound by default). So a 2-GPU job at the head
+waiting for two GPUs on one node lets single-slot jobs use every other node, and it is never starved:
+its node drains as the jobs on it end. The held node is the one the running jobs' ETAs say will fit the
+head soonest. New worker sets go to the node that fits them most tightly (best fit), which leaves whole
+nodes free for 2-GPU jobs. One placement group is asked of Ray at a time, on the node the scheduler
+chose and counted (Ray's STRICT_PACK target-node hint), so Ray never places a job where the scheduler
+did not expect it.
 
 Failure. A worker that dies (a killed process, a lost node, an error outside a job) takes its pack with
 it: each of its jobs counts one attempt and goes back to the front of the queue while it has retries,
@@ -102,7 +104,7 @@ class WorkerSet:
     infos: dict[int, dict[str, Any]] = field(default_factory=dict)
     jobs: set[str] = field(default_factory=set)  # assigned and not ended
     first_jobs: list[str] = field(default_factory=list)  # what it starts with, once its actors answer
-    node_id: str | None = None
+    node_id: str | None = None  # where its slots are counted: the chosen node from the request on, then the actual one
     runs_pending: int = 0
 
 
@@ -130,7 +132,7 @@ class FleetRunner:
         self.run_dir = Path(run_dir)
         self.view = view
         self.max_adapters = max_adapters
-        self.backfill = slots if backfill is None else backfill
+        self.backfill = math.inf if backfill is None else backfill
         self.max_concurrent = max_concurrent  # slots in use at once
         self.refresh_s = refresh_s
         self.record_every_s = record_every_s
@@ -146,6 +148,7 @@ class FleetRunner:
         self.workers: dict[str, WorkerSet] = {}
         self.placing: WorkerSet | None = None  # the one placement group asked of Ray and not yet ready
         self.passes = 0  # later jobs started while the head waits (the backfill rule)
+        self.held: tuple[str, str] | None = None  # (head job, node held for it) while the head waits
         self.failures: dict[str, int] = {job.name: 0 for job in jobs}
         self.waiting: dict[Any, tuple[str, str, int]] = {}  # ObjectRef -> (worker id, kind, rank)
         self.changed: set[str] = set()  # jobs whose state changed since the view last saw them
@@ -229,20 +232,53 @@ class FleetRunner:
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self) -> None:
-        """Start what the order rule allows: the head first; while it cannot start, up to `backfill`
-        later jobs."""
+        """Start what the order rule allows: the head first; while it cannot start, a node is held for it
+        and up to `backfill` later jobs start on the others."""
         while self.queue:
             head = self.queue[0]
             if self._start(head):
-                self.passes = 0
+                self.passes, self.held = 0, None
                 continue
             if self.passes >= self.backfill:
-                return  # the head's reservation: nothing passes it any more
-            passed = next((name for name in self._first_of_each_group(head) if self._start(name)), None)
+                return  # the budget is spent: nothing passes the head any more
+            if self.placing is None:  # no room for the head (not just a placement in flight): hold its node
+                # Chosen again at every scan: the ETAs that pick it arrive with the jobs' first steps.
+                node = self._node_to_hold(self.jobs[head].shape)
+                self.held = (head, node) if node is not None else None
+            avoid = self.held[1] if self.held else None
+            passed = next((name for name in self._first_of_each_group(head) if self._start(name, avoid)), None)
             if passed is None:
                 return
             self.passes += 1
             self.record.jobs[head].passed_by.append(passed)
+
+    def _node_to_hold(self, shape: JobShape) -> str | None:
+        """The node a waiting head will fit on soonest. The ETAs of the jobs running there say when each
+        worker set frees its slots (an idle one is free now; a job with no ETA yet counts as never); the
+        node whose free slots reach the head's need first is held. Ties go to the node with more free now."""
+        resource = "GPU" if shape.gpus_per_worker else "CPU"
+        need = shape.workers * (shape.gpus_per_worker or shape.cpus_per_worker)
+
+        def soonest(node: str) -> tuple[float, float]:
+            free_now = self.capacity[node][resource] - self.used[node][resource]
+            releases = sorted(
+                (self._remaining_s(w), w.shape.workers * (w.shape.gpus_per_worker if resource == "GPU" else w.shape.cpus_per_worker))
+                for w in self.workers.values() if w.node_id == node
+            )
+            free, when = free_now, 0.0
+            for eta, slots in releases:
+                if free >= need:
+                    break
+                free, when = free + slots, eta
+            return (when if free >= need else math.inf, -free_now)
+
+        big_enough = [node for node, capacity in self.capacity.items() if capacity[resource] >= need]
+        return min(big_enough, key=soonest) if big_enough else None
+
+    def _remaining_s(self, worker: WorkerSet) -> float:
+        """Seconds until `worker` frees its slots: 0 when idle, else its slowest job's ETA."""
+        etas = [self.record.jobs[name].eta_s for name in worker.jobs]
+        return max((math.inf if eta is None else eta for eta in etas), default=0.0)
 
     def _first_of_each_group(self, head: str) -> Iterator[str]:
         """The queued jobs behind `head` that could start where the ones before them could not: whether a
@@ -254,18 +290,19 @@ class FleetRunner:
                 tried.add(group)
                 yield name
 
-    def _start(self, name: str) -> bool:
-        """Start `name` now if it can. Spread first: while worker sets of its shape are free (idle, or room on
-        a node), a new pack starts there, and the queued jobs of its group are spread evenly over the free
-        ones (`ceil(queued / free)` per pack, at most `max_adapters`): a slot that sits idle while another
-        trains two adapters costs makespan. Once none is free, the job joins a running pack of its group
-        with room (no new process, no base reload)."""
+    def _start(self, name: str, avoid: str | None = None) -> bool:
+        """Start `name` now if it can, on any node but `avoid` (held for a waiting head). Spread first: while
+        worker sets of its shape are free (idle, or room on a node), a new pack starts there, and the queued
+        jobs of its group are spread evenly over the free ones (`ceil(queued / free)` per pack, at most
+        `max_adapters`): a slot that sits idle while another trains two adapters costs makespan. Once none
+        is free, the job joins a running pack of its group with room (no new process, no base reload)."""
         job = self.jobs[name]
-        free = self._free_worker_sets(job.shape)
+        free = self._free_worker_sets(job.shape, avoid)
         if free == 0:
             joinable = next(
                 (w for w in self.workers.values()
-                 if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1 and self.reuse_workers),
+                 if w.group == job.group and w.state in (STARTING, RUNNING) and len(w.jobs) < w.capacity and w.shape.workers == 1
+                 and self.reuse_workers and w.node_id != avoid),
                 None,
             )
             if joinable is None:
@@ -273,10 +310,17 @@ class FleetRunner:
             self.queue.remove(name)
             self._assign(joinable, [name], "join")
             return True
-        idle = next((w for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == job.shape and self.reuse_workers), None)
+        idle = next(
+            (w for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == job.shape and self.reuse_workers and w.node_id != avoid),
+            None,
+        )
         if idle is None and self.placing is not None:
             return False  # one placement at a time; the next scan comes when it is ready
-        worker = idle or self._place(job.shape)
+        if idle is None:
+            target = self.held[1] if self.held and self.held[0] == name and self._node_fits(self.held[1], job.shape) else None
+            worker = self._place(job.shape, target or self._best_fit(job.shape, avoid))
+        else:
+            worker = idle
         worker.group = job.group
         capacity = self.max_adapters if job.shape.workers == 1 else 1
         worker.capacity = capacity
@@ -288,31 +332,51 @@ class FleetRunner:
         self._assign(worker, [name, *companions], "next")
         return True
 
-    def _free_worker_sets(self, shape: JobShape) -> int:
-        """Worker sets of `shape` that could take a new pack now: idle ones, and new ones the nodes' free
-        capacity holds (less the one placement in flight), within --max-concurrent."""
-        need_cpus, need_gpus = shape.workers * shape.cpus_per_worker, shape.workers * shape.gpus_per_worker
-        new = 0
-        for node, capacity in self.capacity.items():
-            free_cpus, free_gpus = capacity["CPU"] - self.used[node]["CPU"], capacity["GPU"] - self.used[node]["GPU"]
-            fits = [free_cpus // need_cpus if need_cpus else math.inf, free_gpus // need_gpus if need_gpus else math.inf]
-            new += int(min(min(fits), len(self.jobs)))  # a node without any need to meet holds at most every job
-        if self.placing is not None:
-            new = max(0, new - 1)
+    def _free_worker_sets(self, shape: JobShape, avoid: str | None = None) -> int:
+        """Worker sets of `shape` that could take a new pack now, on any node but `avoid`: idle ones, and new
+        ones the nodes' free capacity holds, within --max-concurrent."""
+        new = sum(self._room(node, shape) for node in self.capacity if node != avoid)
         if self.max_concurrent is not None:
             in_use = sum(w.shape.workers for w in self.workers.values())
             new = min(new, max(0, (self.max_concurrent - in_use) // shape.workers))
-        idle = sum(1 for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == shape) if self.reuse_workers else 0
+        idle = sum(1 for w in self.workers.values() if w.state == RUNNING and not w.jobs and w.shape == shape and w.node_id != avoid) if self.reuse_workers else 0
         return idle + new
 
-    def _place(self, shape: JobShape) -> WorkerSet:
-        """Ask Ray for a new worker set's placement group (one at a time, on a node known to have room)."""
+    def _room(self, node: str, shape: JobShape) -> int:
+        """How many more worker sets of `shape` fit on `node` (the scheduler's own count of what it holds)."""
+        need_cpus, need_gpus = shape.workers * shape.cpus_per_worker, shape.workers * shape.gpus_per_worker
+        free_cpus, free_gpus = self.capacity[node]["CPU"] - self.used[node]["CPU"], self.capacity[node]["GPU"] - self.used[node]["GPU"]
+        fits = min(free_cpus // need_cpus if need_cpus else math.inf, free_gpus // need_gpus if need_gpus else math.inf)
+        return int(min(fits, len(self.jobs)))  # a node without any need to meet holds at most every job
+
+    def _node_fits(self, node: str, shape: JobShape) -> bool:
+        return self._room(node, shape) > 0
+
+    def _best_fit(self, shape: JobShape, avoid: str | None) -> str:
+        """The node with room for `shape` that has the least room left: partly used nodes fill up first, so
+        whole nodes stay free for 2-GPU jobs."""
+        resource = "GPU" if shape.gpus_per_worker else "CPU"
+        fitting = [node for node in self.capacity if node != avoid and self._node_fits(node, shape)]
+        return min(fitting, key=lambda node: (self.capacity[node][resource] - self.used[node][resource], node))
+
+    def _place(self, shape: JobShape, node: str) -> WorkerSet:
+        """Ask Ray for a new worker set's placement group on `node` (one at a time). Its slots are counted
+        there from now on, so nothing else is planned onto them while Ray places it."""
         worker_id = f"w{next(self._worker_ids)}"
-        worker = WorkerSet(id=worker_id, shape=shape, group=(), capacity=1, placement=reserve(shape, name=f"lorafleet-{self.record.name}-{worker_id}"))
+        worker = WorkerSet(
+            id=worker_id, shape=shape, group=(), capacity=1, node_id=node,
+            placement=reserve(shape, name=f"lorafleet-{self.record.name}-{worker_id}", node_id=node),
+        )
+        self._count(worker, +1)
         self.workers[worker.id] = self.placing = worker
         self.record.workers[worker.id] = {"slots": shape.workers, "jobs": [], "requested_at": time.time(), "state": PLACING}
         self.waiting[worker.placement.ready()] = (worker.id, "placed", 0)
         return worker
+
+    def _count(self, worker: WorkerSet, sign: int) -> None:
+        for _ in range(worker.shape.workers):
+            self.used[worker.node_id]["CPU"] += sign * worker.shape.cpus_per_worker
+            self.used[worker.node_id]["GPU"] += sign * worker.shape.gpus_per_worker
 
     def _assign(self, worker: WorkerSet, names: list[str], kind: str) -> None:
         """New attempts of `names` on `worker`: sent now to a running worker ("join" into its pack, or
@@ -384,10 +448,11 @@ class FleetRunner:
     def _placed(self, worker: WorkerSet) -> None:
         self.placing = None
         table = placement_group_table(worker.placement)
-        worker.node_id = next(iter(table["bundles_to_node_id"].values()))
-        for _ in range(worker.shape.workers):
-            self.used[worker.node_id]["CPU"] += worker.shape.cpus_per_worker
-            self.used[worker.node_id]["GPU"] += worker.shape.gpus_per_worker
+        placed_on = next(iter(table["bundles_to_node_id"].values()))
+        if placed_on != worker.node_id:  # the target is a hint: follow where Ray put it
+            self._count(worker, -1)
+            worker.node_id = placed_on
+            self._count(worker, +1)
         worker.state = STARTING
         now = time.time()
         self.record.workers[worker.id].update(state=STARTING, placed_at=now, node_id=worker.node_id)
@@ -440,10 +505,7 @@ class FleetRunner:
             self.placing = None
         stop_workers(worker.actors)
         release(worker.placement)
-        if worker.node_id is not None:
-            for _ in range(worker.shape.workers):
-                self.used[worker.node_id]["CPU"] -= worker.shape.cpus_per_worker
-                self.used[worker.node_id]["GPU"] -= worker.shape.gpus_per_worker
+        self._count(worker, -1)
         self.record.workers[worker.id].update(state="ended", ended_at=time.time())
         self.waiting = {ref: tag for ref, tag in self.waiting.items() if tag[0] != worker.id}
         self._dirty = True

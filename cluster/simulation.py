@@ -41,7 +41,7 @@ def sleeping_pack(configs: list, report: Callable[[dict], None] | None, joins: C
         for name, state in list(running.items()):
             config, done, started = state
             state[1] = done = done + 1
-            emit({"job": name, "step": done, "max_steps": config.train.max_steps, "train/loss": 1.0 / done, "perf/tokens_per_s": 1000.0, "eta_s": 0.0})
+            emit({"job": name, "step": done, "max_steps": config.train.max_steps, "train/loss": 1.0 / done, "perf/tokens_per_s": 1000.0, "eta_s": (config.train.max_steps - done) * step_s})
             if done >= config.train.max_steps:
                 del running[name]
                 result = SleptResult(

@@ -34,9 +34,10 @@ import trainer  # noqa: F401  (light; filters bitsandbytes' import-time notice i
 from cluster.capacity import JobShape
 
 
-def reserve(shape: JobShape, name: str = "") -> PlacementGroup:
-    """A placement group for one worker set: one bundle per worker, all on one node (STRICT_PACK)."""
-    return placement_group(shape.bundles(), strategy="STRICT_PACK", name=name)
+def reserve(shape: JobShape, name: str = "", node_id: str | None = None) -> PlacementGroup:
+    """A placement group for one worker set: one bundle per worker, all on one node (STRICT_PACK), on
+    `node_id` when it has room (Ray's target-node hint, private in Ray 2.60 and for STRICT_PACK only)."""
+    return placement_group(shape.bundles(), strategy="STRICT_PACK", name=name, _soft_target_node_id=node_id)
 
 
 def release(group: PlacementGroup | None) -> None:

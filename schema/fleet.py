@@ -45,9 +45,10 @@ class FleetFile(Section):
         None,
         ge=0,
         description=(
-            "While the job at the head of the queue cannot be placed, at most this many later jobs may start before it "
-            "(on free slots, or by joining a running pack); then nothing else starts until it has its slots. "
-            "Default: the number of slots of the cluster. 0 keeps strict fleet order."
+            "While the job at the head of the queue cannot be placed, one node is held for it (no new work lands there: "
+            "it drains) and later jobs may start on the other nodes, at most this many of them; then nothing else starts "
+            "until it has its slots. Default: no bound (the held node already keeps the head from starving). "
+            "0 keeps strict fleet order."
         ),
     )
 

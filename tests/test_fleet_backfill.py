@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,13 @@ def fleet(tmp_path: Path, gpus: list[int], steps: list[int]) -> list[FleetJob]:
         })
         jobs.append(FleetJob(config=config, shape=job_shape(config.resources, cluster_has_gpus=True), max_failures=0))
     return jobs
+
+
+def wait_until_every_gpu_is_free(timeout_s: float = 60.0) -> None:
+    deadline = time.time() + timeout_s
+    while ray.available_resources().get("GPU", 0) < ray.cluster_resources().get("GPU", 0):
+        assert time.time() < deadline, "the cluster's GPUs were not given back"
+        time.sleep(0.2)
 
 
 def run(tmp_path: Path, nodes, jobs: list[FleetJob], **options):
@@ -94,3 +102,19 @@ def test_free_slots_are_filled_before_packs_grow(two_nodes_of_two_gpus, tmp_path
     even = run(tmp_path / "even", two_nodes_of_two_gpus, fleet(tmp_path / "even", [1] * 5, [6] * 5), max_adapters=4, max_concurrent=2)
     assert sorted(len(w["jobs"]) for w in even.workers.values()) == [2, 3]
     assert all(job.state == "finished" for job in [*spread.jobs.values(), *even.jobs.values()])
+
+
+def test_the_waiting_head_gets_the_node_that_frees_first_and_later_jobs_use_the_others(two_nodes_of_two_gpus, tmp_path):
+    # Two short and two long 1-GPU jobs fill both nodes; a 2-GPU job waits at the head. Its node is held from
+    # the jobs' ETAs: the short jobs' node. Later jobs may not take that node's slots as they free, so the
+    # 2-GPU job starts long before the long jobs end; and nothing is starved (no backfill bound: the default).
+    wait_until_every_gpu_is_free()  # the previous test's workers give theirs back asynchronously
+    record = run(tmp_path, two_nodes_of_two_gpus, fleet(tmp_path, [1, 1, 1, 1, 2, 1, 1, 1, 1], [8, 8, 60, 60, 4, 4, 4, 4, 4]), max_adapters=1)
+    assert all(job.state == "finished" and len(job.attempts) == 1 for job in record.jobs.values())
+    node_of = {name: job.attempts[0].workers[0]["node_id"] for name, job in record.jobs.items()}
+    assert node_of["j0"] == node_of["j1"] != node_of["j2"] == node_of["j3"]  # best fit: one node each
+    head = record.jobs["j4"].attempts[0]
+    assert node_of["j4"] == node_of["j0"]
+    assert head.running_at < min(record.jobs[n].attempts[0].ended_at for n in ("j2", "j3"))
+    # Whoever started while the head waited ran elsewhere than its node.
+    assert all(node_of[name] != node_of["j4"] for name in record.jobs["j4"].passed_by)
