@@ -3,9 +3,10 @@ SmolLM2-135M, real data) combined by the composer, against each single adapter a
 on the mixed data. Everything is evaluated on the NF4 base the adapters were trained on.
 
 Tasks: ag_news `classify_with_choices` and amazon_polarity `Is_this_review` (label accuracy and
-reference NLL on the held-out 30% of a content-hash split), GSM8K (reference-solution NLL on the test
-set; --gsm8k-accuracy adds generated-answer accuracy, slow on CPU). Forgetting: drift KL(base || model)
-and the NLL increase of the base's own answers to held-out general instructions.
+reference NLL on the held-out part of a content-hash split), GSM8K in the PLR paper's prompt
+(reference-solution NLL on the test set; --gsm8k-accuracy adds generated-answer accuracy, slow on CPU).
+Forgetting: drift KL(base || model) and the NLL increase of the base's own answers to held-out general
+instructions. Data, prompts and training settings are those of benchmarks/plr.py.
 
 Rows: base; each single adapter; the mixed-data adapter (same steps as one single adapter); and the
 compositions: linear (the exact average, wᵢ = 1/3), task_arithmetic (λ = 1, Σ ΔWᵢ), ties and dare_ties
@@ -13,30 +14,41 @@ compositions: linear (the exact average, wᵢ = 1/3), task_arithmetic (λ = 1, �
 
     .venv/bin/python benchmarks/composition.py [--steps 20] [--n-eval 32] [--methods linear ties ...]
 
-Adapters are shared with benchmarks/plr.py when the training options agree (same job directories).
+Finished adapters are reused when the script runs again with the same options (run_job returns their result).
 Writes benchmarks/results/composition.{json,md} atomically. Skips (exit 0) when ../shared/data is absent.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from plr import DATA, common_args, eval_tasks, machine, t0_file, train, train_source, training_line, write_tasks  # noqa: E402
+import torch
+from plr import (
+    DATA,
+    common_args,
+    eval_tasks,
+    machine,
+    rows_of,
+    training_defaults,
+    training_line,
+    write_tasks,
+)
 
-from compositor.config import ComposeConfig  # noqa: E402
-from compositor.pipeline import run_compose  # noqa: E402
-from compositor.restore import load_base  # noqa: E402
-from trainer.checkpoint import atomic_write_text  # noqa: E402
+from compositor.pipeline import run_compose
+from compositor.restore import load_base
+from schema.atomic import write_json_atomic, write_text_atomic
+from schema.compose import ComposeConfig
+from schema.fleet import deep_merge
+from schema.job import JobConfig
+from trainer import run_job
+from trainer.checks import load_tasks_file
 from trainer.evaluation.matrix import evaluate_matrix
-from trainer.evaluation import load_tasks_file  # noqa: E402
-from trainer.models import load_tokenizer  # noqa: E402
+from trainer.models import load_tokenizer
 
 TASKS = ["ag_news", "amazon", "gsm8k"]
 METHODS = {
@@ -47,6 +59,22 @@ METHODS = {
     "dare_ties": {"method": "dare_ties", "density": 0.5, "seed": 0},
     "learned": {"method": "learned"},
 }
+
+
+def train(name: str, sources: list[dict], work: Path, args) -> dict:
+    """One NF4 QLoRA job with plr.py's settings; the same name and options give the same directory, so
+    a finished job is reused (run_job returns its recorded result without training)."""
+    config = JobConfig.model_validate(deep_merge(training_defaults(args), {
+        "name": name,
+        "quant": {"bits": 4, "type": "nf4", "double_quant": True},
+        "data": {"train": sources},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0, "keep": 1},
+        "output_dir": str(work / "runs" / name),
+    }))
+    result = run_job(config).to_dict()
+    print(f"{name}: {result['steps']} steps, train loss {result['train_loss']:.3f}, {result['wall_time_s']:.0f} s", flush=True)
+    return result
 
 
 def markdown(summary: dict) -> str:
@@ -91,15 +119,13 @@ def main() -> None:
     started = time.perf_counter()
     work = args.work / f"{Path(args.model).name}-steps{args.steps}-mb{args.micro_batch}-seq{args.seq_len}-lr{args.lr}"
     work.mkdir(parents=True, exist_ok=True)
-    for task in TASKS[:2]:
-        t0_file(work, task)
 
-    jobs = {f"{task}-4bit": train(f"{task}-4bit", [train_source(work, task)], 4, work, args) for task in TASKS}
+    jobs = {f"{task}-4bit": train(f"{task}-4bit", [rows_of(work, task, "train")], work, args) for task in TASKS}
     mixed_args = argparse.Namespace(**{**vars(args), "steps": args.mixed_steps or args.steps})
-    jobs["mixed-4bit"] = train("mixed-4bit", [train_source(work, task) for task in TASKS], 4, work, mixed_args)
+    jobs["mixed-4bit"] = train("mixed-4bit", [rows_of(work, task, "train") for task in TASKS], work, mixed_args)
     train_s = time.perf_counter() - started
 
-    singles = [jobs[f"{task}-4bit"]["adapter"] for task in TASKS]
+    singles = [jobs[f"{task}-4bit"]["adapter_dir"] for task in TASKS]
     learn_tasks = write_tasks(work / "learn-tasks.yaml", [t for task in TASKS for t in eval_tasks(work, task, args, split="train", accuracy=False)], args)
     compositions: dict[str, dict] = {}
     compose_started = time.perf_counter()
@@ -115,7 +141,7 @@ def main() -> None:
     tasks = load_tasks_file(write_tasks(work / "tasks-composition.yaml", evaluated, args))
     tokenizer = load_tokenizer(args.model)
     eval_started = time.perf_counter()
-    adapter_dirs = [Path(a) for a in singles] + [Path(jobs["mixed-4bit"]["adapter"])] + [work / "compose" / name for name in args.methods]
+    adapter_dirs = [Path(a) for a in singles] + [Path(jobs["mixed-4bit"]["adapter_dir"])] + [work / "compose" / name for name in args.methods]
     rows = evaluate_matrix(load_base(args.model, 4, torch.float32), tokenizer, adapter_dirs, tasks)
     eval_s = time.perf_counter() - eval_started
 
@@ -135,8 +161,8 @@ def main() -> None:
         "setup": (
             f"{args.model} NF4 QLoRA r16 alpha32 attn, {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens per single adapter "
             f"(mixed: {mixed_args.steps} steps over the three sources, equal token shares), lr {args.lr} cosine, seed 0, fp32 compute; "
-            f"eval on the NF4 base: T0 held-out split n={args.n_eval}, GSM8K test n={args.n_eval} (NLL); drift probe {args.probe_n} "
-            f"user_oriented_instructions (32 new tokens); learned: {args.learn_examples} training-split examples, {args.learn_steps} Adam steps, L1 0.01"
+            f"eval on the NF4 base: T0 held-out split n<={args.n_eval}, GSM8K test n={args.gsm8k_n} (NLL); drift probe {args.probe_n} "
+            f"user_oriented_instructions (48 new tokens); learned: {args.learn_examples} training-split examples, {args.learn_steps} Adam steps, L1 0.01"
         ),
         "table_columns": table_columns,
         "rows": rows,
@@ -144,8 +170,8 @@ def main() -> None:
         "compositions": compositions,
         "timings_s": {"train": round(train_s, 1), "compose": round(compose_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
     }
-    atomic_write_text(args.out / "composition.json", json.dumps(summary, indent=2))
-    atomic_write_text(args.out / "composition.md", markdown(summary))
+    write_json_atomic(args.out / "composition.json", summary)
+    write_text_atomic(args.out / "composition.md", markdown(summary))
     print(markdown(summary))
 
 

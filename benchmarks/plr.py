@@ -1,28 +1,41 @@
-"""Post-LoRA Restoration experiment: does an adapter trained on the NF4 base do better when it is put
-back onto the int8 (PLR8) or original (PLR16) base? SmolLM2-135M, real data, same steps and seed
-in every arm.
+"""Post-LoRA Restoration (PLR) at every bit width: adapters trained on 16-, 8-, 4-, 3- and 2-bit bases,
+each evaluated on its training base and restored onto every higher precision, in the shape of the
+PLR paper's table. SmolLM2-135M, real data.
 
-Tasks: GSM8K (train on gsm8k/train, score on gsm8k/test: integer answer accuracy, and the NLL of
-the reference solutions) and one T0 task, ag_news `classify_with_choices` (content-hash split 70/30,
-label accuracy and reference NLL on the held-out part). Forgetting: drift KL(base || adapted) on
-held-out general instructions, each column against its own base.
+Arms: {GSM8K, ag_news} x training precision {16 (LoRA on the original base), 8 (bitsandbytes int8),
+4 (NF4 with double quantization), 3 and 2 (HQQ, group size 64)}, trained as one fleet (`lorafleet run`)
+with the same seed, steps, learning rate and data order; the two jobs of one precision share a pack.
+As in the paper, adapter/ is the adapter at the evaluation with the lowest validation loss
+(checkpoint.select: best_eval_loss).
 
-Arms, per task: a 16-bit LoRA (trained and evaluated on the fp32 base); QLoRA (trained on NF4) evaluated
-as trained, on the int8 base (PLR8) and on the original base (PLR16); with --with-8bit also a LoRA
-trained on the int8 base. The table has the shape of the published PLR table: columns
-16-bit LoRA | QLoRA | PLR8 | PLR16, rows tasks.
+Columns: 16-bit LoRA | 8-bit: QLoRA, PLR16 | 4-bit: QLoRA, PLR8, PLR16 | 3-bit: QLoRA, PLR4, PLR8, PLR16 |
+2-bit: QLoRA, PLR3, PLR4, PLR8, PLR16. compositor.restore.restoration_quant names each base (PLR8 is
+bitsandbytes int8; PLR4 and PLR3 above HQQ are HQQ with the training group size). Each distinct base is
+loaded once per task, and every adapter restored onto it is evaluated on it side by side.
 
-    .venv/bin/python benchmarks/plr.py [--steps 20] [--n-eval 32] [--gsm8k-n 16] [--with-8bit]
+Rows: GSM8K accuracy on gsm8k/test (the paper's prompt and metric: the first or last integer of the
+answer) and the NLL of the reference solutions of the same rows; ag_news `classify_with_choices` label
+accuracy and NLL on held-out articles of a content-hash split; drift KL(p_16-bit base || p_model) on
+general instructions that the 16-bit base answered, one reference for every column. Also the
+quantization error ||W - deq(q(W))|| / ||W|| and the base's parameter memory at each bit width.
 
-Writes benchmarks/results/plr.{json,md} atomically. Skips (exit 0) when ../shared/data is absent.
+    .venv/bin/python benchmarks/plr.py [--steps 100] [--gsm8k-n 200] [--n-eval 250] [--model DIR] ...
+
+Writes benchmarks/results/plr.{json,md,png} atomically. Skips (exit 0) when ../shared/data is absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import math
+import subprocess
 import sys
 import time
+from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,22 +43,34 @@ sys.path[:0] = [str(ROOT)]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+from _common import describe, machine_description
 
-from _common import describe, machine_description  # noqa: E402
-from compositor.restore import load_base, merge_comparison, probe_ids, quantization_error_table, summarize_errors  # noqa: E402
-from launch.config import JobConfig  # noqa: E402
-from trainer import run_job  # noqa: E402
-from trainer.checkpoint import atomic_write_text  # noqa: E402
-from trainer.evaluation.matrix import adapter_row_names, evaluate_matrix
-from trainer.evaluation import load_tasks_file  # noqa: E402
-from trainer.models import load_tokenizer  # noqa: E402
+from schema.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from schema.job import QuantConfig
+from schema.jobdir import JobDir
+from schema.yamlfile import dump_yaml
 
 MODEL = "smollm2-135m"
-SPLIT = [0.7, 0.0, 0.3]
-# T0 tasks as (dataset, template): the completions are short labels.
-T0_TASKS = {"ag_news": ("ag_news", "classify_with_choices"), "amazon": ("amazon_polarity", "Is_this_review")}
+SEED = 0
+TASKS = ("gsm8k", "ag_news")
+# T0 tasks: (dataset file, template, the labels its prompt offers; None: the references' own).
+T0_TASKS = {
+    "ag_news": ("ag_news", "classify_with_choices", ["World politics", "Sports", "Business", "Science and technology"]),
+    "amazon": ("amazon_polarity", "Is_this_review", None),
+}
+# A T0 template holds 200 examples: 40% train, 10% validation (picks the best checkpoint), 50% test, so
+# about 100 held-out articles. GSM8K keeps its own test file; 5% of train.jsonl is the validation part.
+T0_SPLIT = (0.4, 0.1, 0.5)
+GSM8K_SPLIT = (0.95, 0.05, 0.0)
+# Training precision -> the quant section of its jobs (jobs with equal sections share a pack).
+TRAINING_QUANT = {
+    16: {"bits": 16},
+    8: {"bits": 8},
+    4: {"bits": 4, "method": "bnb", "type": "nf4", "double_quant": True},
+    3: {"bits": 3, "method": "hqq", "group_size": 64},
+    2: {"bits": 2, "method": "hqq", "group_size": 64},
+}
+LIBRARIES = ("hqq", "bitsandbytes", "peft", "transformers", "torch", "ray")
 
 
 def machine() -> str:
@@ -53,69 +78,63 @@ def machine() -> str:
 
 
 def t0_file(work: Path, name: str) -> Path:
-    dataset, template = T0_TASKS[name]
-    rows = [json.loads(line) for line in (DATA / "t0" / f"{dataset}.jsonl").read_text().splitlines()]
+    """The rows of one template of a T0 task. Training and evaluation both read this file, so its
+    content-hash split (whose word statistics cover the whole file) is the same for both."""
+    dataset, template, _ = T0_TASKS[name]
     path = work / f"{name}.jsonl"
     if not path.is_file():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["template"] == template))
+        rows = [json.loads(line) for line in (DATA / "t0" / f"{dataset}.jsonl").read_text().splitlines()]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["template"] == template))
     return path
 
 
-def train_source(work: Path, task: str) -> dict:
-    """The training source of a task (train part only)."""
+def rows_of(work: Path, task: str, split: str) -> dict:
+    """Where a task's rows of `split` come from, as a data source and a tasks-file entry both read them."""
     if task == "gsm8k":
-        return {"path": str(DATA / "gsm8k" / "train.jsonl"), "format": "question_answer"}
-    return {"path": str(t0_file(work, task)), "format": "prompt_completion", "split": "train", "split_fractions": SPLIT}
+        common = {"format": "question_answer", "template": "gsm8k"}  # the paper's prompt
+        if split == "test":
+            return {"path": str(DATA / "gsm8k" / "test.jsonl"), **common}
+        return {"path": str(DATA / "gsm8k" / "train.jsonl"), "split": split, "split_fractions": GSM8K_SPLIT, **common}
+    return {"path": str(t0_file(work, task)), "format": "prompt_completion", "split": split, "split_fractions": T0_SPLIT}
 
 
 def eval_tasks(work: Path, task: str, args, split: str = "test", accuracy: bool = True) -> list[dict]:
-    """The evaluated rows of a task (held out from training): accuracy and reference NLL."""
+    """A task's evaluated rows (held out from training unless `split` says otherwise): accuracy and
+    reference NLL, on the same rows."""
+    rows = rows_of(work, task, split)
     if task == "gsm8k":
-        path = DATA / "gsm8k" / ("test.jsonl" if split == "test" else "train.jsonl")
-        common = {"path": str(path), "format": "question_answer", "seed": 0 if split == "test" else 1}
-        rows = [{"name": "gsm8k_nll", "metric": "loss", "n": args.n_eval, **common}]
-        if accuracy:
-            rows.insert(0, {"name": "gsm8k", "metric": "gsm8k", "n": args.gsm8k_n, "max_new_tokens": args.gsm8k_tokens, **common})
-        return rows
-    common = {"path": str(t0_file(work, task)), "split": split, "split_fractions": SPLIT}
-    rows = [{"name": f"{task}_nll", "metric": "loss", "n": args.n_eval, **common}]
-    if accuracy:
-        rows.insert(0, {"name": task, "metric": "label", "n": args.n_eval, "max_new_tokens": 6, "stop": ["\n"], **common})
-    return rows
-
-
-def probe(args) -> dict:
-    return {"prompts": str(DATA / "general_prompts" / "user_oriented_instructions.jsonl"), "format": "self_instruct", "n": args.probe_n, "max_new_tokens": 32}
+        common = {"n": args.gsm8k_n, "seed": SEED, "batch_size": args.eval_batch, **rows}
+        # A model that runs on past its answer starts a new "Question:"; the cut keeps its last integer its own.
+        scored = {"name": "gsm8k", "metric": "gsm8k", "max_new_tokens": args.gsm8k_tokens, "stop": ["Question:"]}
+    else:
+        common = {"n": args.n_eval, "seed": SEED, "batch_size": args.eval_batch, **rows}
+        labels = T0_TASKS[task][2]
+        scored = {"name": task, "metric": "label", "max_new_tokens": 8, "stop": ["\n"], **({"labels": labels} if labels else {})}
+    nll = {"name": f"{task}_nll", "metric": "loss", **common}
+    return [{**scored, **common}, nll] if accuracy else [nll]
 
 
 def write_tasks(path: Path, tasks: list[dict], args) -> Path:
-    atomic_write_text(path, yaml.safe_dump({"tasks": tasks, "forgetting": probe(args)}, sort_keys=False))
+    """A tasks file with `tasks` and the forgetting probe: general instructions no job trains on."""
+    probe = {
+        "prompts": str(DATA / "general_prompts" / "user_oriented_instructions.jsonl"), "format": "self_instruct",
+        "n": args.probe_n, "max_new_tokens": 48, "batch_size": args.eval_batch,
+    }
+    write_text_atomic(path, dump_yaml({"tasks": tasks, "forgetting": probe}))
     return path
 
 
-def job_config(name: str, sources: list[dict], bits: int, work: Path, args) -> JobConfig:
-    """One adapter job; the same name and settings give the same directory, so a finished job is reused
-    (run_job returns its result without training) by this script and by benchmarks/composition.py."""
-    return JobConfig.model_validate({
-        "name": name,
+def training_defaults(args) -> dict:
+    """The job settings every adapter of this benchmark (and of benchmarks/composition.py) shares."""
+    return {
         "model": args.model,
-        "quant": {"bits": bits, "type": "nf4", "double_quant": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "attn"},
         "optim": {"name": "adamw", "lr": args.lr, "schedule": "cosine", "warmup_ratio": 0.1},
         "train": {"max_steps": args.steps, "micro_batch": args.micro_batch, "grad_accum": 1, "seq_len": args.seq_len,
-                  "grad_checkpointing": False, "seed": 0, "dtype": "fp32"},
-        # GSM8K solutions run past seq_len now and then: truncate those rather than fail the job.
-        "data": {"train": sources, "overlong": "truncate", "max_bad_frac": 0.5},
-        "eval": {"every": 0},
-        "checkpoint": {"every": 0, "keep": 1},
-        "output_dir": str(work / "runs" / name),
-    })
-
-
-def train(name: str, sources: list[dict], bits: int, work: Path, args) -> dict:
-    result = run_job(job_config(name, sources, bits, work, args))
-    print(f"{name}: {result.steps} steps, train loss {result.train_loss:.3f}, {result.wall_time_s:.0f} s", flush=True)
-    return {"adapter": str(result.adapter_dir), "train_loss": result.train_loss, "wall_time_s": result.wall_time_s, "tokens": result.tokens, "bits": bits}
+                  "grad_checkpointing": False, "seed": SEED},
+        # A GSM8K solution longer than seq_len is cut rather than failing the job.
+        "data": {"overlong": "truncate", "max_bad_frac": 0.5},
+    }
 
 
 def training_line(jobs: dict[str, dict]) -> str:
@@ -123,132 +142,329 @@ def training_line(jobs: dict[str, dict]) -> str:
 
 
 def common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per adapter (the budget).")
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=100, help="Optimizer steps per adapter (the budget).")
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512, help="Tokens per packed row (GSM8K examples reach ~450).")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--n-eval", type=int, default=32, help="Rows per label / NLL task.")
-    parser.add_argument("--gsm8k-n", type=int, default=16, help="GSM8K problems generated for accuracy.")
-    parser.add_argument("--gsm8k-tokens", type=int, default=96, help="New tokens per GSM8K answer.")
-    parser.add_argument("--probe-n", type=int, default=12, help="General prompts the base answers for drift KL.")
+    parser.add_argument("--n-eval", type=int, default=250, help="At most this many held-out T0 rows (ag_news has about 100).")
+    parser.add_argument("--gsm8k-n", type=int, default=200, help="GSM8K test problems, generated for accuracy and scored for NLL.")
+    parser.add_argument("--gsm8k-tokens", type=int, default=256, help="New tokens per GSM8K answer (98%% of reference solutions fit).")
+    parser.add_argument("--probe-n", type=int, default=32, help="General prompts the reference base answers for drift KL.")
+    parser.add_argument("--eval-batch", type=int, default=16, help="Prompts per generation and scoring batch.")
     parser.add_argument("--model", default=MODEL, help="Base model spec (a local tiny model makes a quick smoke run).")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "composer-bench")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "plr-bench")
     parser.add_argument("--out", type=Path, default=RESULTS)
 
 
-COLUMNS = ["16-bit LoRA", "QLoRA", "PLR8", "PLR16"]
+# --- training: one fleet -----------------------------------------------------------------------------
+
+
+def job_name(task: str, bits: int) -> str:
+    return f"{task}-{bits}bit"
+
+
+def fleet_file(work: Path, args) -> tuple[Path, Path]:
+    """The fleet of every arm and its output directory, named by the fleet's content: the same settings
+    resume the same fleet (finished jobs are skipped), other settings train a new one."""
+    defaults = training_defaults(args)
+    defaults["eval"] = {"every": args.eval_every, "max_batches": 8}
+    defaults["checkpoint"] = {"every": args.eval_every, "keep": 1, "select": "best_eval_loss"}
+    jobs = [
+        {"name": job_name(task, bits), "quant": quant, "data": {"train": rows_of(work, task, "train"), "eval": rows_of(work, task, "validation")}}
+        for bits, quant in TRAINING_QUANT.items() for task in TASKS  # one precision after the other: its two jobs form a pack
+    ]
+    text = json.dumps({"name": "plr", "defaults": defaults, "jobs": jobs})
+    fleet_dir = work / f"fleet-{Path(args.model).name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+    # Parsed back from JSON: no object appears twice, which YAML would write as an anchor and an alias.
+    path = write_text_atomic(work / f"{fleet_dir.name}.yaml", dump_yaml({**json.loads(text), "output_dir": str(fleet_dir)}))
+    return path, fleet_dir
+
+
+def train_fleet(path: Path, fleet_dir: Path) -> tuple[dict[str, dict], dict]:
+    """Run the fleet with the real CLI; each job's final.json, and the fleet's summary."""
+    cli = Path(sys.executable).with_name("lorafleet")  # the console script of this environment
+    print(f"$ lorafleet run {path}", flush=True)
+    subprocess.run([str(cli), "run", str(path)], check=True)
+    jobs = {job_name(task, bits): JobDir(fleet_dir / job_name(task, bits)).read_final() for bits in TRAINING_QUANT for task in TASKS}
+    return jobs, json.loads((fleet_dir / "fleet.json").read_text()).get("summary", {})
+
+
+# --- evaluation: each restoration base once per task --------------------------------------------------
+
+
+def column_name(trained_bits: int, precision: int) -> str:
+    if trained_bits == 16:
+        return "16-bit LoRA"
+    return f"{trained_bits}-bit " + ("QLoRA" if precision == trained_bits else f"PLR{precision}")
+
+
+def restoration_plan() -> dict[str, dict]:
+    """Base label (compositor.restore.quant_label) -> its precision, its QuantConfig, and the
+    (training bits, column) of every adapter restored onto it."""
+    from compositor.restore import (
+        quant_label,
+        restoration_precisions,
+        restoration_quant,
+    )
+
+    plan: dict[str, dict] = {}
+    for bits, quant in TRAINING_QUANT.items():
+        trained = QuantConfig.model_validate(quant)
+        for precision in restoration_precisions(trained):
+            target = restoration_quant(trained, precision)
+            entry = plan.setdefault(quant_label(target), {"precision": precision, "quant": target, "columns": []})
+            entry["columns"].append((bits, column_name(bits, precision)))
+    return dict(sorted(plan.items(), key=lambda item: -item[1]["precision"]))  # highest precision first
+
+
+def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
+    """Per task and column, the adapter's metrics; per base label, the base alone and its figures
+    (parameter memory, quantization error); the evaluated rows of each task (n, and the label counts)."""
+    from compositor.restore import (
+        quantization_error_table,
+        resolve_dtype,
+        summarize_errors,
+    )
+    from data_pipeline.rows import task_rows
+    from trainer.checks import load_tasks_file
+    from trainer.evaluation.matrix import adapter_row_names, evaluate_matrix
+    from trainer.models import load_base_model, load_tokenizer, parameter_bytes
+
+    tokenizer = load_tokenizer(args.model)
+    tasks = {task: load_tasks_file(write_tasks(work / f"tasks-{task}.yaml", eval_tasks(work, task, args), args)) for task in TASKS}
+    held_out = {}
+    for task_config in (t for tasks_file in tasks.values() for t in tasks_file.tasks):
+        examples = task_rows(task_config)
+        held_out[task_config.name] = {"n": len(examples)}
+        if task_config.metric == "label":  # what always answering the commonest label scores
+            held_out[task_config.name]["labels"] = dict(Counter(example.reference for example in examples).most_common())
+    # Drift is measured against the 16-bit base in every column, so the columns are comparable.
+    reference = load_base_model(args.model, QuantConfig(bits=16), dtype=resolve_dtype(args.model, 16, None))
+    metrics: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
+    bases: dict[str, dict] = {}
+    for label, entry in restoration_plan().items():
+        dtype = resolve_dtype(args.model, entry["precision"], None)
+        for task in TASKS:
+            started = time.perf_counter()
+            # evaluate_matrix injects the adapters into the base it is given: a fresh load per task.
+            model = load_base_model(args.model, entry["quant"], dtype=dtype)
+            if label not in bases:
+                errors = quantization_error_table(reference, {entry["precision"]: model}) if entry["precision"] != 16 else []
+                bases[label] = {
+                    "precision": entry["precision"], "quant": entry["quant"].model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
+                    "parameter_bytes": parameter_bytes(model), "quantization_error": summarize_errors(errors), "quantization_error_layers": errors,
+                }
+            adapters = [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]]
+            rows = evaluate_matrix(model, tokenizer, adapters, tasks[task], reference_model=reference)
+            bases[label][task] = rows["base"]
+            for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters)):
+                metrics[task][column] = rows[row_name]
+            seconds = time.perf_counter() - started
+            bases[label].setdefault("eval_s", {})[task] = round(seconds, 1)
+            print(f"{label} base, {task}: {len(adapters)} adapter(s) + the base in {seconds:.0f} s", flush=True)
+            del model
+    return metrics, bases, held_out
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+
+def columns() -> list[str]:
+    """The paper's column order: grouped by training precision, restorations rising within a group."""
+    from compositor.restore import restoration_precisions
+
+    return [column_name(bits, p) for bits, quant in TRAINING_QUANT.items() for p in restoration_precisions(QuantConfig.model_validate(quant))]
+
+
+def standard_error(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+def table_rows(metrics: dict, held_out: dict) -> dict[str, dict]:
+    """Row label -> {key, n (accuracy rows, for the standard error), cells: column -> value}."""
+    rows = {}
+    for task in TASKS:
+        title = "GSM8K" if task == "gsm8k" else task
+        for label, key, n in (
+            (f"{title} accuracy", f"eval/{task}/accuracy", held_out[task]["n"]),
+            (f"{title} reference NLL", f"eval/{task}_nll/loss", None),
+            (f"drift KL vs 16-bit base, {title} adapters", "eval/forgetting/drift_kl", None),
+        ):
+            rows[label] = {"key": key, "n": n, "cells": {column: values.get(key) for column, values in metrics[task].items()}}
+    return rows
+
+
+def cell(value: float | None, n: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} ± {standard_error(value, n):.3f}" if n else f"{value:.3f}"
 
 
 def markdown(summary: dict) -> str:
-    columns = summary["columns"]
+    order = summary["columns"]
+    setup = summary["setup"]
     lines = [
-        "# Post-LoRA Restoration: QLoRA adapters on 4-, 8- and 16-bit bases (SmolLM2-135M, real data)",
+        "# Post-LoRA Restoration at 16, 8, 4, 3 and 2 bits (SmolLM2-135M, real data)",
         "",
         f"Command: `{summary['command']}`  ",
         f"Machine: {summary['machine']}  ",
-        f"Setup: {summary['setup']}",
+        f"Libraries: {', '.join(f'{k} {v}' for k, v in summary['versions'].items())}",
         "",
-        "| task / metric | base (16-bit) | " + " | ".join(columns) + " |",
-        "|---|---:|" + "---:|" * len(columns),
+        f"Budget: {setup['budget']}. Seed {setup['seed']} in every arm (same data order). {setup['selection']}  ",
+        f"Evaluation: {setup['evaluation']}",
+        "",
+        "| row | " + " | ".join(order) + " |",
+        "|---|" + "---:|" * len(order),
     ]
-    for row_name, row in summary["table"].items():
-        cells = [f"{row[c]:.4f}" if row.get(c) is not None else "-" for c in ["base (16-bit)", *columns]]
-        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
-    q = summary["quantization_error_summary"]
+    for label, row in summary["table"].items():
+        lines.append(f"| {label} | " + " | ".join(cell(row["cells"].get(c), row.get("n")) for c in order) + " |")
     lines += [
         "",
-        "Accuracy: higher is better; NLL (reference answers) and drift KL: lower is better. PLR8/PLR16 use the QLoRA adapter unchanged.",
+        (
+            "Accuracy ± its standard error sqrt(p(1-p)/n): higher is better. Reference NLL and drift KL: lower is better. "
+            "QLoRA: the adapter on the base it was trained on; PLRp: the same adapter, unchanged, on the p-bit base "
+            "(PLR4 and PLR3 above HQQ are HQQ bases with the training group size; PLR8 is bitsandbytes int8; PLR16 the original weights)."
+        ),
         "",
-        f"Quantization error ‖W − deq(q(W))‖/‖W‖ over the {summary['quantized_layers']} linear layers (parameter-weighted mean / max): "
-        f"NF4 {q['rel_err_4bit_mean']:.4f} / {q['rel_err_4bit_max']:.4f}; int8 {q['rel_err_8bit_mean']:.4f} / {q['rel_err_8bit_max']:.4f}. "
-        "Per-layer values are in plr.json.",
+        setup["base_note"],
         "",
-        (f"Merging the {summary['merge_comparison_task']} QLoRA adapter, distance from the model it was trained as (adapter on NF4, unmerged), "
-         "on a 2-sentence probe:"),
+        setup["data_note"],
         "",
-        "| merge | max abs logit diff | mean KL |",
-        "|---|---:|---:|",
+        "## The bases",
+        "",
+        "| base | bits | parameter memory | rel. error mean / max | GSM8K acc (base alone) | GSM8K NLL | ag_news acc | drift KL vs 16-bit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, row in summary["merge_comparison"]["variants"].items():
-        lines.append(f"| {label} | {row['max_abs_logit_diff']:.4g} | {row['mean_kl_from_trained']:.3g} |")
-    if "requantization_loss_mean" in summary["merge_comparison"]:
-        lines.append(f"\nRe-quantizing after the merge loses {summary['merge_comparison']['requantization_loss_mean']:.1%} of ‖ΔW‖ per layer on average.")
-    lines += ["", training_line(summary["jobs"]), ""]
+    for label, base in summary["bases"].items():
+        errors = base["quantization_error"]
+        bits = base["precision"]
+        error = f"{errors[f'rel_err_{bits}bit_mean']:.4f} / {errors[f'rel_err_{bits}bit_max']:.4f}" if errors else "0"
+        gsm, news = base["gsm8k"], base["ag_news"]
+        lines.append(
+            f"| {label} | {bits} | {base['parameter_bytes'] / 2**20:.1f} MiB | {error} | {gsm['eval/gsm8k/accuracy']:.3f} | "
+            f"{gsm['eval/gsm8k_nll/loss']:.3f} | {news['eval/ag_news/accuracy']:.3f} | {gsm['eval/forgetting/drift_kl']:.4f} |"
+        )
+    lines += [
+        "",
+        "Relative error ‖W − deq(q(W))‖/‖W‖ over the quantized linear layers (parameter-weighted mean / max; per layer in plr.json). "
+        "Parameter memory counts every weight and quantization constant; the embeddings and the output head stay in full "
+        "precision at every width, and the 16-bit base is held in " + summary["bases"]["original"]["dtype"] + ".",
+        "",
+        "## Training",
+        "",
+        "| job | train loss | eval loss before → selected | selected step | wall time |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, job in summary["jobs"].items():
+        lines.append(
+            f"| {name} | {job['train_loss']:.3f} | {job['initial_eval_loss']:.3f} → {job['eval_loss']:.3f} | "
+            f"{job.get('selected_step') or job['steps']} | {job['wall_time_s']:.0f} s |"
+        )
+    fleet = summary["fleet"]
+    if fleet.get("makespan_s"):
+        lines.append(f"\nFleet makespan {fleet['makespan_s']:.0f} s for {fleet.get('jobs')} jobs. Evaluation {summary['timings_s']['eval']:.0f} s.")
+    lines += ["", "![accuracy against training bits](plr.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict) -> bytes:
+    """Accuracy (and GSM8K NLL) against training bits, one line per restoration level, SE error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained_bits = list(TRAINING_QUANT)
+    levels = {"as trained": None, **{f"PLR{p}": p for p in (3, 4, 8, 16)}}
+    panels = [(label, row) for label, row in summary["table"].items() if "accuracy" in label or label == "GSM8K reference NLL"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for axis, (label, row) in zip(axes, panels):
+        for level, precision in levels.items():
+            xs, ys, errs = [], [], []
+            for bits in trained_bits:
+                column = column_name(bits, bits if precision is None else precision)
+                value = row["cells"].get(column) if precision is None or precision > bits else None
+                if value is not None:
+                    xs.append(trained_bits.index(bits))
+                    ys.append(value)
+                    errs.append(standard_error(value, row["n"]) if row.get("n") else 0.0)
+            if xs:
+                axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=level)
+        axis.set_xticks(range(len(trained_bits)), [str(b) for b in trained_bits])
+        axis.set_xlabel("training bits")
+        axis.set_ylabel("accuracy (± SE)" if row.get("n") else "NLL (lower is better)")
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(title="evaluated on")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
-    parser.add_argument("--tasks", nargs="+", default=["gsm8k", "ag_news"], choices=["gsm8k", *T0_TASKS])
-    parser.add_argument("--with-8bit", action="store_true", help="Also train a LoRA on the int8 base (slow on CPU).")
+    parser.add_argument("--eval-every", type=int, default=20, help="Steps between validation-loss evaluations (and checkpoints) in training.")
     args = parser.parse_args()
-    if not (DATA / "gsm8k").is_dir() or not (DATA / "t0").is_dir():
-        print(f"skipped: real data not found at {DATA} (needs gsm8k/ and t0/)")
+    if not all((DATA / part).is_dir() for part in ("gsm8k", "t0", "general_prompts")):
+        print(f"skipped: real data not found at {DATA} (needs gsm8k/, t0/ and general_prompts/)")
         return
     started = time.perf_counter()
-    work = args.work / f"{Path(args.model).name}-steps{args.steps}-mb{args.micro_batch}-seq{args.seq_len}-lr{args.lr}"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
-
-    jobs: dict[str, dict] = {}
-    for task in args.tasks:
-        for bits in (4, 16, 8) if args.with_8bit else (4, 16):
-            jobs[f"{task}-{bits}bit"] = train(f"{task}-{bits}bit", [train_source(work, task)], bits, work, args)
+    fleet_path, fleet_dir = fleet_file(work, args)
+    jobs, fleet = train_fleet(fleet_path, fleet_dir)
     train_s = time.perf_counter() - started
+    metrics, bases, held_out = evaluate(fleet_dir, work, args)
+    labels = held_out["ag_news"]["labels"]
+    eval_s = time.perf_counter() - started - train_s
 
-    tokenizer = load_tokenizer(args.model)
-    metrics: dict[str, dict[str, dict]] = {}  # task -> column -> metrics
-    eval_started = time.perf_counter()
-    for task in args.tasks:
-        tasks = load_tasks_file(write_tasks(work / f"tasks-{task}.yaml", eval_tasks(work, task, args), args))
-        qlora = Path(jobs[f"{task}-4bit"]["adapter"])
-        # (base precision, column -> adapter) : one base load and one base reference per precision.
-        plan = {16: {"16-bit LoRA": Path(jobs[f"{task}-16bit"]["adapter"]), "PLR16": qlora}, 8: {"PLR8": qlora}, 4: {"QLoRA": qlora}}
-        if args.with_8bit:
-            plan[8]["8-bit LoRA"] = Path(jobs[f"{task}-8bit"]["adapter"])
-        for bits, columns in plan.items():
-            base = load_base(args.model, bits, torch.float32)
-            # All adapters of one precision share one base, one base row and one base reference.
-            rows = evaluate_matrix(base, tokenizer, list(columns.values()), tasks)
-            for column, row_name in zip(columns, adapter_row_names(list(columns.values()))):
-                metrics.setdefault(task, {})[column] = rows[row_name]
-                print(f"{task} {column}: {rows[row_name]}", flush=True)
-            metrics[task][f"base ({bits}-bit)"] = rows["base"]
-    eval_s = time.perf_counter() - eval_started
-
-    table: dict[str, dict[str, float]] = {}
-    for task in args.tasks:
-        for key, label in ((f"eval/{task}/accuracy", f"{task} accuracy"), (f"eval/{task}_nll/loss", f"{task} reference NLL"),
-                           ("eval/forgetting/drift_kl", f"drift KL, {task} adapter")):
-            table[label] = {column: values.get(key) for column, values in metrics[task].items()}
-
-    full, q8, q4 = (load_base(args.model, bits, torch.float32) for bits in (16, 8, 4))
-    error_rows = quantization_error_table(full, {4: q4, 8: q8})
-    comparison = merge_comparison(Path(jobs[f"{args.tasks[0]}-4bit"]["adapter"]), probe_ids(tokenizer))
-    columns = COLUMNS + (["8-bit LoRA"] if args.with_8bit else [])
-    evaluated = [f"T0 {task} held-out split n={args.n_eval} (label accuracy and NLL)" for task in args.tasks if task != "gsm8k"]
-    if "gsm8k" in args.tasks:
-        evaluated.insert(0, f"GSM8K test n={args.gsm8k_n} ({args.gsm8k_tokens} new tokens) for accuracy and n={args.n_eval} for NLL")
+    order = columns()
     summary = {
         "command": "python benchmarks/plr.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
-        "setup": (
-            f"{args.model}, LoRA r16 alpha32 attn, {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens (packed), lr {args.lr} cosine, "
-            f"seed 0, fp32 compute; eval: {'; '.join(evaluated)}; drift probe {args.probe_n} user_oriented_instructions (32 new tokens)"
-        ),
-        "columns": columns,
-        "table": table,
+        "versions": {name: version(name) for name in LIBRARIES},
+        "setup": {
+            "model": args.model,
+            "seed": SEED,
+            "budget": (
+                f"{args.steps} optimizer steps per adapter, {args.micro_batch} x {args.seq_len} packed tokens per step, "
+                f"LoRA r16 alpha32 on attention, AdamW lr {args.lr} cosine (10% warm-up)"
+            ),
+            "selection": f"adapter/ is the adapter at the lowest validation loss, evaluated every {args.eval_every} steps.",
+            "evaluation": (
+                f"GSM8K test n={held_out['gsm8k']['n']} (the paper's prompt, greedy, {args.gsm8k_tokens} new tokens, cut at 'Question:'; "
+                f"first or last integer), NLL on the same {held_out['gsm8k_nll']['n']} rows; ag_news classify_with_choices "
+                f"n={held_out['ag_news']['n']} held-out articles (label accuracy and NLL); drift KL on {args.probe_n} "
+                "user_oriented_instructions answered by the 16-bit base (48 new tokens)."
+            ),
+            "base_note": (
+                "**The 16-bit base is not the released bf16 model**: the `smollm2-135m` preset is SmolLM2-135M-Instruct dequantized "
+                "from a GGUF Q4_1 file, so every precision here, PLR16 included, starts from weights that already carry 4-bit rounding."
+                if args.model == MODEL else f"Base model: {args.model}."
+            ),
+            "data_note": (
+                f"ag_news has 200 articles per T0 template ({T0_SPLIT[0]:.0%} train, {T0_SPLIT[1]:.0%} validation, {T0_SPLIT[2]:.0%} test "
+                f"by content hash), so its n is capped near 100, and its held-out articles hold only {len(labels)} of the 4 classes "
+                f"({', '.join(f'{k} {v}' for k, v in labels.items())}): always answering '{next(iter(labels))}' scores "
+                f"{max(labels.values()) / held_out['ag_news']['n']:.3f}."
+            ),
+        },
+        "columns": order,
+        "table": table_rows(metrics, held_out),
+        "held_out": held_out,
         "metrics": metrics,
+        "bases": bases,
         "jobs": jobs,
-        "quantized_layers": len(error_rows),
-        "quantization_error_summary": summarize_errors(error_rows),
-        "quantization_error": error_rows,
-        "merge_comparison_task": args.tasks[0],
-        "merge_comparison": comparison,
+        "fleet": fleet,
+        "fleet_dir": str(fleet_dir),
         "timings_s": {"train": round(train_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
     }
-    atomic_write_text(args.out / "plr.json", json.dumps(summary, indent=2))
-    atomic_write_text(args.out / "plr.md", markdown(summary))
+    write_json_atomic(args.out / "plr.json", summary)
+    write_bytes_atomic(args.out / "plr.png", plot(summary))
+    write_text_atomic(args.out / "plr.md", markdown(summary))
     print(markdown(summary))
 
 

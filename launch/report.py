@@ -178,10 +178,23 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def swept_fields(configs: list[dict[str, Any]]) -> list[str]:
-    """The dotted keys whose values differ between the configs, in the order the configs write them."""
+    """The dotted keys whose values differ between the configs, in the order the configs write them.
+
+    A section that some jobs set and others leave out (LwF, a prior rehearsal, a second data source)
+    makes every one of its fields differ, most of them only by being there: `forgetting.lwf.on=task`
+    against nothing. Of the fields set in the same jobs, those with one value wherever they are set are
+    left out when another of them varies, and only the first of them is kept when none does. So a
+    sweep of LwF weights shows `forgetting.lwf.weight` alone, not also its temperature and `on`."""
     flats = [flatten(config) for config in configs]
     keys = dict.fromkeys(key for flat in flats for key in flat if key not in NOT_SETTINGS)
-    return [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in flats}) > 1]
+    differing = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in flats}) > 1]
+    set_in = {key: frozenset(index for index, flat in enumerate(flats) if flat.get(key) is not None) for key in differing}
+    varies = {key: len({json.dumps(flats[index][key], sort_keys=True) for index in set_in[key]}) > 1 for key in differing}
+    varying_groups = {set_in[key] for key in differing if varies[key]}
+    first_of_group = {}
+    for key in differing:
+        first_of_group.setdefault(set_in[key], key)
+    return [key for key in differing if varies[key] or (set_in[key] not in varying_groups and first_of_group[set_in[key]] == key)]
 
 
 def show_value(value: Any) -> str:
@@ -234,7 +247,8 @@ def summarize_job(job: JobRun, swept: list[str], color: str) -> dict[str, Any]:
     final = final_values(job.rows)
     flat = flatten(job.config or {})
     settings = {key: flat.get(key) for key in swept}
-    shown = ", ".join(f"{key}={show_value(value)}" for key, value in settings.items())
+    # What the job sets: a field it leaves out (no LwF, no second source) is in the table, not in the label.
+    shown = ", ".join(f"{key}={show_value(value)}" for key, value in settings.items() if value is not None)
     gains = task_gains(job.rows)
     throughput, throughput_source = tokens_per_s(job)
     _, initial_eval = series([row for row in job.rows if row["step"] == 0], "eval/loss")
@@ -527,25 +541,34 @@ def plot_loss(plot: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+FRONTIER_LEGEND_COLUMNS = 2  # entries side by side under the panels: a sweep's labels are long
+
+
 def plot_frontier(plot: dict[str, Any], path: Path) -> None:
     panels = plot["panels"]
-    figure = _figure(7.0 * len(panels), 5.5)
+    entries = len({point["job"] for panel in panels for point in panel["points"]}) + 2  # + the front and the base line
+    legend_rows = -(-entries // FRONTIER_LEGEND_COLUMNS)
+    # The legend is the figure's, under the panels, and the figure grows with it: inside one panel a
+    # fleet's worth of entries would squeeze the axes to nothing.
+    figure = _figure(max(7.0 * len(panels), 10.0), 5.5 + 0.18 * legend_rows)
+    legend: dict[str, Any] = {}
     for index, panel in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
         by_job = {point["job"]: point for point in panel["points"]}
         for point in panel["points"]:
             # The legend names each point's swept values; the short job name beside it finds the entry.
-            axes.scatter(point["x"], point["y"], color=point["color"], s=50, zorder=3, label=point["label"])
+            legend[point["label"]] = axes.scatter(point["x"], point["y"], color=point["color"], s=50, zorder=3)
             axes.annotate(point["job"], (point["x"], point["y"]), textcoords="offset points", xytext=(6, 6), fontsize="small")
         front = [by_job[job] for job in panel["pareto"]]
         # Rings as well as the line: a front of one job has no line to draw.
-        axes.plot([p["x"] for p in front], [p["y"] for p in front], color="black", linewidth=1, marker="o", markersize=12,
-                  markerfacecolor="none", zorder=2, label="Pareto front (higher gain, lower forgetting)")
-        axes.axhline(0.0, color="grey", linestyle=":", linewidth=1, label="the base model (no gain)")
+        (legend["Pareto front (higher gain, lower forgetting)"],) = axes.plot(
+            [p["x"] for p in front], [p["y"] for p in front], color="black", linewidth=1, marker="o", markersize=12, markerfacecolor="none", zorder=2
+        )
+        legend["the base model (no gain)"] = axes.axhline(0.0, color="grey", linestyle=":", linewidth=1)
         axes.set(title=f"Task gain vs {panel['x_metric'].removeprefix('eval/forgetting/')}", xlabel=panel["x_label"],
                  ylabel="task gain over the base (Δ headline metric)")
-        axes.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14))
         axes.grid(alpha=0.3)
+    figure.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=FRONTIER_LEGEND_COLUMNS, fontsize="x-small")
     figure.savefig(path, dpi=120)
 
 

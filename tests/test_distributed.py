@@ -8,8 +8,11 @@ import shutil
 import socket
 
 import pytest
+import torch
 import torch.multiprocessing as mp
+from test_faults import PlantedCode
 
+from trainer.checkpoint import _write_manifest, verify
 from trainer.errors import JobError
 from trainer.loop import run_job
 
@@ -65,3 +68,24 @@ def test_two_workers_follow_one_worker_with_twice_the_micro_batch_and_resume_exa
     (out / "final.json").unlink()
     with pytest.raises(JobError, match="2 worker"):
         run_job(double)
+
+
+def test_a_planted_pickle_in_a_zero_shard_is_refused_and_never_runs(make_job, tmp_path):
+    config = make_job(train={"max_steps": 1, "micro_batch": 2}, optim={"name": "paged_adamw_8bit"}, checkpoint={"every": 1})
+    run_two_workers(config)
+    out = config.output_dir
+    (out / "final.json").unlink()  # as after a crash right after the last checkpoint: the re-run loads it
+    shutil.rmtree(out / "adapter")
+    checkpoint = out / "checkpoints" / "step-1"
+    shard = checkpoint / "shards" / "zero" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "code-ran"
+    torch.save({"optimizer_state_dict": PlantedCode(str(marker))}, shard)
+
+    # The manifest covers DeepSpeed's shards: the altered one is named.
+    assert "shards/zero/state/zero_pp_rank_0_mp_rank_00_optim_states.pt" in verify(checkpoint)
+    # An attacker who rewrote the manifest too meets DeepSpeed's loads, made weights-only.
+    _write_manifest(checkpoint)
+    with pytest.raises(mp.ProcessRaisedException) as failure:
+        run_two_workers(config)
+    assert f"JobError: {shard}: refused to load (Unsupported global" in str(failure.value)
+    assert not marker.exists()

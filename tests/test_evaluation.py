@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_jsonl
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from typer.testing import CliRunner
 
 from schema.job import QuantConfig
@@ -123,6 +123,21 @@ def forgetting_tasks(tmp_path) -> TasksFile:
     })
 
 
+def drift_by_hand(model, teacher, tokenizer, reference) -> float:
+    """Mean per-token KL(p_teacher || p_model) over the reference's responses, one example at a time."""
+    kl_sum, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, response in zip(reference.prompts, reference.responses):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]])
+            start = len(prompt_ids) - 1
+            student = F.log_softmax(model.eval()(input_ids=ids).logits[0, start:-1].float(), -1)
+            base_lp = F.log_softmax(teacher.eval()(input_ids=ids).logits[0, start:-1].float(), -1)
+            kl_sum += F.kl_div(student, base_lp, log_target=True, reduction="sum").item()
+            count += ids.shape[1] - 1 - start
+    return kl_sum / count
+
+
 def test_forgetting_metrics_zero_for_a_zero_adapter_and_exact_for_a_trained_one(tiny_model_dir, tmp_path):
     base = load_base_model(str(tiny_model_dir), QuantConfig(bits=4), dtype=FP32, device=torch.device("cpu"))
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -146,18 +161,8 @@ def test_forgetting_metrics_zero_for_a_zero_adapter_and_exact_for_a_trained_one(
     trained = evaluate_tasks(model, tokenizer, tasks, base_reference=reference)
     assert trained["eval/forgetting/drift_kl"] > 1e-4
     # The KL over the base responses, recomputed with a second, separately loaded copy of the base.
-    teacher = load_base_model(str(tiny_model_dir), QuantConfig(bits=4), dtype=FP32, device=torch.device("cpu")).eval()
-    kl_sum, count = 0.0, 0
-    with torch.no_grad():
-        for prompt, response in zip(reference.prompts, reference.responses):
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]])
-            start = len(prompt_ids) - 1
-            student = F.log_softmax(model.eval()(input_ids=ids).logits[0, start:-1].float(), -1)
-            base_lp = F.log_softmax(teacher(input_ids=ids).logits[0, start:-1].float(), -1)
-            kl_sum += F.kl_div(student, base_lp, log_target=True, reduction="sum").item()
-            count += ids.shape[1] - 1 - start
-    assert trained["eval/forgetting/drift_kl"] == pytest.approx(kl_sum / count, rel=1e-4)
+    teacher = load_base_model(str(tiny_model_dir), QuantConfig(bits=4), dtype=FP32, device=torch.device("cpu"))
+    assert trained["eval/forgetting/drift_kl"] == pytest.approx(drift_by_hand(model, teacher, tokenizer, reference), rel=1e-4)
     assert trained["eval/forgetting/response_nll_increase"] == pytest.approx(
         trained["eval/forgetting/response_nll"] - reference.response_nll
     )
@@ -200,6 +205,36 @@ def test_adapter_matrix_and_cli(tiny_model_dir, tmp_path):
 
     bad = CliRunner().invoke(app, ["eval", "--tasks", str(tasks_yaml), "--adapters", str(tmp_path)])
     assert bad.exit_code == 2 and "no adapter_config.json" in bad.output
+
+
+def test_matrix_forgetting_against_another_reference_model(tiny_model_dir, tmp_path):
+    """With reference_model, every row drifts from that model (its answers, its distributions) rather than
+    from the base the adapters sit on, as PLR compares adapters on NF4 with the 16-bit base. A copy of
+    the base as the reference gives the default rows."""
+    tasks = forgetting_tasks(tmp_path)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+
+    def load(bits: int):
+        return load_base_model(str(tiny_model_dir), QuantConfig(bits=bits), dtype=FP32, device=torch.device("cpu"))
+
+    adapter = tmp_path / "trained" / "adapter"
+    lora_model(load(4), seed=2).save_pretrained(adapter)
+    own = evaluate_matrix(load(4), tokenizer, [adapter], tasks)
+    copy = evaluate_matrix(load(4), tokenizer, [adapter], tasks, reference_model=load(4))
+    for row in own:
+        assert copy[row] == pytest.approx(own[row], rel=1e-6, abs=1e-7)
+
+    full = load(16)
+    against_full = evaluate_matrix(load(4), tokenizer, [adapter], tasks, reference_model=full)
+    reference = build_base_reference(full, tokenizer, tasks)
+    # The NF4 base alone drifts from the 16-bit one; the adapter's row is measured against the 16-bit base too.
+    assert against_full["base"]["eval/forgetting/drift_kl"] > 1e-4
+    assert against_full["base"]["eval/forgetting/drift_kl"] == pytest.approx(drift_by_hand(load(4), full, tokenizer, reference), rel=1e-4)
+    restored = PeftModel.from_pretrained(load(4), str(adapter))
+    assert against_full["trained"]["eval/forgetting/drift_kl"] == pytest.approx(drift_by_hand(restored, full, tokenizer, reference), rel=1e-4)
+    assert against_full["trained"]["eval/forgetting/response_nll_increase"] == pytest.approx(
+        against_full["trained"]["eval/forgetting/response_nll"] - reference.response_nll
+    )
 
 
 def test_dequantized_4bit_forward_matches_bitsandbytes(tiny):

@@ -1,17 +1,23 @@
 """Faults found by trying lorafleet as a hostile user would (issue: faults measured), each with a test
 that failed before the fix: a checkpoint that runs code, NaN training that succeeds, a resume at the
 very end that reports NaN, an embedded Ray cluster listening on every interface, and files only their
-owner could read."""
+owner could read. Then the faults of the hardening issue: a corrupt newest checkpoint, a full disk while
+writing one, SIGTERM to `lorafleet train` (SIGKILL at random moments is in test_faults_slow.py)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import math
 import os
 import pickle
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +25,17 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import trainer.checkpoint
 import trainer.job
 from launch.cli import app
+from schema.jobdir import JobDir
+from schema.loading import load_job_config
 from schema.yamlfile import dump_yaml
-from trainer.checkpoint import MANIFEST, _write_manifest
+from trainer.checkpoint import MANIFEST, _write_manifest, checkpoint_steps, verify
 from trainer.errors import JobError
 from trainer.loop import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class PlantedCode:
@@ -200,3 +211,159 @@ def test_the_embedded_ray_cluster_listens_on_loopback_only():
         if not (address.is_loopback or (mapped is not None and mapped.is_loopback)):
             exposed.append((connection.laddr, psutil.Process(connection.pid).name()))
     assert exposed == []
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def assert_same_losses(got: dict[int, float], expected: dict[int, float]) -> None:
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6), step
+
+
+@pytest.mark.parametrize("truncated", ["optimizer.pt", "adapter/adapter_model.safetensors"])
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(make_job, truncated, caplog):
+    config = make_job(train={"max_steps": 6}, checkpoint={"every": 2, "keep": 2})
+    # The crash comes after step 6 is logged and before its checkpoint: steps 1-6 are an uninterrupted run's losses.
+    with pytest.raises(KeyboardInterrupt):
+        run_job(config, report=crash_at(6))
+    uninterrupted = train_losses(config.output_dir)
+    checkpoints = config.output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-4"] and sorted(uninterrupted) == list(range(1, 7))
+    damaged = checkpoints / "step-4" / truncated
+    truncated_size = damaged.stat().st_size // 2
+    os.truncate(damaged, truncated_size)  # as a full disk or a copy that stopped halfway leaves it
+
+    with caplog.at_level("WARNING", logger="lorafleet.trainer"):
+        result = run_job(config)
+    assert result.resumed_from_step == 2 and result.steps == 6
+    assert len(result.corrupt_checkpoints) == 1 and "step-4" in result.corrupt_checkpoints[0] and truncated in result.corrupt_checkpoints[0]
+    assert "step-4" in caplog.text and "corrupt" in caplog.text and truncated in caplog.text
+    assert json.loads((config.output_dir / "final.json").read_text())["corrupt_checkpoints"] == result.corrupt_checkpoints
+    set_aside = checkpoints / "corrupt-step-4"
+    assert (set_aside / truncated).stat().st_size == truncated_size and verify(set_aside) is not None  # kept as found, for a human
+    assert verify(checkpoints / "step-4") is None  # written again by the resumed run
+    assert_same_losses(train_losses(config.output_dir), uninterrupted)
+
+
+def test_a_full_disk_while_checkpointing_fails_by_name_and_keeps_the_previous_checkpoint(make_job, monkeypatch):
+    config = make_job(train={"max_steps": 4}, checkpoint={"every": 2, "keep": 2})
+    real_save_file, writes = trainer.checkpoint.save_file, []
+
+    def disk_full_at_the_second_checkpoint(tensors, filename, *args, **kwargs):
+        writes.append(filename)
+        if len(writes) == 2:  # rng.safetensors of step-4, after its adapter and optimizer.pt were written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.checkpoint, "save_file", disk_full_at_the_second_checkpoint)
+        with pytest.raises(JobError) as failure:
+            run_job(config)
+    uninterrupted = train_losses(config.output_dir)  # steps 1-4, logged before step 4's checkpoint failed
+    message = str(failure.value)
+    checkpoints = config.output_dir / "checkpoints"
+    previous = checkpoints / "step-2"
+    mount = trainer.checkpoint._mount_point(checkpoints)
+    assert f"the disk at {mount} is full" in message and str(checkpoints / "step-4") in message
+    needed = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file())
+    assert f"needs about {needed} bytes" in message and "bytes are free" in message
+    assert f"the previous checkpoint {previous} is intact and resumable" in message
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2"]  # no .tmp-* staging directory left behind
+    assert verify(previous) is None
+    assert not (config.output_dir / "final.json").exists() and sorted(uninterrupted) == [1, 2, 3, 4]
+
+    result = run_job(config)  # space freed: the same job resumes
+    assert result.resumed_from_step == 2 and result.corrupt_checkpoints == []
+    assert_same_losses(train_losses(config.output_dir), uninterrupted)
+
+
+def test_a_kill_while_pruning_leaves_no_partial_checkpoint(make_job, monkeypatch):
+    config = make_job(train={"max_steps": 3}, checkpoint={"every": 1, "keep": 2})
+    checkpoints, real_rmtree = config.output_dir / "checkpoints", shutil.rmtree
+
+    def killed_halfway_through_step_1(path, *args, **kwargs):
+        if not Path(path).name.endswith("step-1"):
+            return real_rmtree(path, *args, **kwargs)
+        (Path(path) / "optimizer.pt").unlink()  # the first files are gone, the manifest not yet
+        raise KeyboardInterrupt("killed while pruning step-1")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", killed_halfway_through_step_1)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(config)  # step 3's checkpoint prunes step-1
+    assert [p.name for p in checkpoints.glob("step-*")] and all(verify(p) is None for p in checkpoints.glob("step-*"))
+    result = run_job(config)
+    assert result.resumed_from_step == 3 and result.corrupt_checkpoints == []
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-3"]  # the half-deleted one is gone
+
+
+def user_job_file(tmp_path: Path, model: Path, train_data: Path, max_steps: int, checkpoint_every: int) -> Path:
+    """A job file as a user writes one, for the tiny model on the toy task."""
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"""\
+name: toy
+model: {model}
+quant: {{bits: 4, type: nf4}}
+lora: {{r: 8, alpha: 16, dropout: 0.0, targets: attn}}
+optim: {{name: adamw, lr: 5.0e-3, schedule: constant, warmup_ratio: 0.0}}
+train: {{max_steps: {max_steps}, micro_batch: 4, seq_len: 64, seed: 7}}
+data:
+  train: {{path: {train_data}, format: prompt_completion}}
+checkpoint: {{every: {checkpoint_every}, keep: 2}}
+output_dir: {tmp_path / "run"}
+"""
+    )
+    return path
+
+
+def start_training(job: Path, log: Path) -> subprocess.Popen:
+    """`lorafleet train JOB` in its own process, its output appended to `log`."""
+    with open(log, "a") as sink:
+        return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(job)], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"lorafleet train exited ({process.returncode}) before the moment to stop it:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"waited {seconds} s in vain:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def logged_steps(output_dir: Path) -> int:
+    """How many steps metrics.jsonl holds (a line being written is not counted)."""
+    path = output_dir / "metrics.jsonl"
+    return path.read_text().count("train/loss") if path.exists() else 0
+
+
+def test_sigterm_stops_lorafleet_train_with_a_checkpoint_and_a_rerun_resumes_exactly(tiny_model_dir, toy_data, tmp_path):
+    job = user_job_file(tmp_path, tiny_model_dir, toy_data["train"], max_steps=24, checkpoint_every=0)
+    config = load_job_config(job)
+    reference = config.model_copy(update={"output_dir": tmp_path / "uninterrupted"})
+    run_job(reference)
+    uninterrupted = train_losses(reference.output_dir)
+    log = tmp_path / "train.log"
+    process = start_training(job, log)
+    wait_until(lambda: logged_steps(config.output_dir) >= 3, process, log)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130, log.read_text()[-3000:]
+    assert "run the same command again to resume" in log.read_text() and "Traceback" not in log.read_text()
+
+    stopped_at = max(train_losses(config.output_dir))
+    assert 3 <= stopped_at < 24
+    job_dir = JobDir(config.output_dir)
+    assert checkpoint_steps(job_dir)[-1] == stopped_at  # checkpoint.every is 0: SIGTERM wrote it, at the step it stopped at
+    assert verify(job_dir.checkpoints / f"step-{stopped_at}") is None
+
+    process = start_training(job, log)
+    assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert json.loads(job_dir.final_file.read_text())["resumed_from_step"] == stopped_at
+    assert_same_losses(train_losses(config.output_dir), uninterrupted)

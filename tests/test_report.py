@@ -207,6 +207,35 @@ def test_the_frontier_and_task_gain_on_chosen_values(tmp_path):
     assert "timeline" not in report["plots"]  # no job was submitted in this record
 
 
+def test_a_section_set_by_some_jobs_is_swept_by_the_fields_that_vary(tmp_path):
+    """An LwF × rehearsal grid, where LwF and a second data source are set by some jobs only. Of a section's
+    fields that have one value wherever they are set (LwF's temperature and `on`; the source's path, role,
+    weight), none is a swept field when another field of the section varies (LwF's weight), and the first
+    is when none does (the source's path). A label names only what its job sets."""
+    task = {"path": "task.jsonl", "weight": 1.0}
+    general = {"path": "general.jsonl", "role": "rehearsal", "weight": 0.1}
+    grid = {
+        "plain": {"data": {"train": [task]}, "forgetting": {"lwf": None}},
+        "lwf_low": {"data": {"train": [task]}, "forgetting": {"lwf": {"weight": 0.25, "temperature": 1.0, "on": "task"}}},
+        "lwf_high_mixed": {"data": {"train": [{**task, "weight": 0.9}, general]}, "forgetting": {"lwf": {"weight": 1.0, "temperature": 1.0, "on": "task"}}},
+    }
+    run_dir = tmp_path / "run"
+    record = FleetRecord(name="grid", run_dir=str(run_dir), state="finished", slots=1)
+    for name, config in grid.items():
+        write_job(run_dir / name, config, [{"step": 1, "train/loss": 1.0}], {"tokens": 10, "wall_time_s": 1.0})
+        record.jobs[name] = JobRecord(name=name, output_dir=str(run_dir / name), workers=1, max_steps=1, state="finished")
+    record.write()
+
+    _, report = write_report(run_dir)
+    assert report["swept"] == ["data.train.0.weight", "forgetting.lwf.weight", "data.train.1.path"]  # in the order the configs write them
+    labels = {job["job"]: job["label"] for job in report["jobs"]}
+    assert labels == {
+        "plain": "plain (data.train.0.weight=1)",
+        "lwf_low": "lwf_low (data.train.0.weight=1, forgetting.lwf.weight=0.25)",
+        "lwf_high_mixed": "lwf_high_mixed (data.train.0.weight=0.9, forgetting.lwf.weight=1, data.train.1.path=general.jsonl)",
+    }
+
+
 def test_a_running_fleet_is_reported_with_what_it_has(run_dir):
     """r16 is still training (no final.json, a half-written last line); `later` is queued (no directory)."""
     metrics = run_dir / "r16" / "metrics.jsonl"

@@ -217,11 +217,14 @@ def _mount_point(path: Path) -> Path:
 
 def prune(job_dir: JobDir, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints, and temp directories a crash left behind."""
+    if not job_dir.checkpoints.is_dir():
+        return
+    for stale in [*job_dir.checkpoints.glob(".tmp-*"), *job_dir.checkpoints.glob(".shards-*"), *job_dir.checkpoints.glob(".pruned-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     for old in checkpoint_steps(job_dir)[:-keep]:
-        shutil.rmtree(step_dir(job_dir, old), ignore_errors=True)
-    if job_dir.checkpoints.is_dir():
-        for stale in [*job_dir.checkpoints.glob(".tmp-*"), *job_dir.checkpoints.glob(".shards-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
+        # Out of the step-* names first: a process killed halfway through the delete leaves no partial step-N.
+        retired = step_dir(job_dir, old).rename(job_dir.checkpoints / f".pruned-step-{old}")
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: PeftModel, adapter_name: str = "default") -> tuple[dict[str, Any], dict[str, Any]]:

@@ -7,12 +7,16 @@ neither rescales for gradient accumulation.
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from trainer.checkpoint import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class World:
 
     @classmethod
     def from_env(cls) -> World:
-        world = cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        world = cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")))
         if world.size > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         return world
@@ -125,6 +129,8 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
+        # DeepSpeed unpickles its checkpoint files with weights_only=False: a planted file would run code.
+        self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
 
     def backward(self, loss: torch.Tensor) -> None:
         # Our loss is already the step's token mean; DeepSpeed must not divide it by grad_accum again.
@@ -160,3 +166,46 @@ class DeepSpeedEngine:
             str(checkpoint_dir / "zero"), tag="state", load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine, but `load` runs no pickled code: tensors, containers and the few
+    DeepSpeed classes a ZeRO-2 checkpoint of ours holds, nothing else. Every load of DeepSpeed's
+    `load_checkpoint` goes through here; saving and the rest are the wrapped engine's."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def load(self, path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(zero_checkpoint_classes()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path}: refused to load ({unpickler_reason(err)}); a ZeRO shard holds only tensors and DeepSpeed's own "
+                "state. Move this checkpoint aside (or use a new output_dir) and run the job again"
+            ) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.wrapped, name)
+
+
+def zero_checkpoint_classes() -> list:
+    """The classes (besides tensors and builtin containers) that DeepSpeed's ZeRO-2 checkpoint files hold:
+    torch.serialization.get_unsafe_globals_in_checkpoint of the shards our 2-worker jobs write (fp32), and
+    the loss scaler fp16 uses instead (DeepSpeed's CreateLossScaler). Each is plain data, rebuilt without
+    running code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason ("Unsupported global: GLOBAL io.open was not an allowed
+    global by default"), without torch's advice to load the file unsafely."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__

@@ -340,7 +340,10 @@ class AdapterJob:
                 f"{path} was written by {len(trainer_state['data'])} worker(s) and this run has {world.size}: "
                 f"resume with the same resources.gpus_per_job, or use a new output_dir"
             )
-        self.engine.load_state_dict(engine_state, path / "shards")
+        try:
+            self.engine.load_state_dict(engine_state, path / "shards")  # DeepSpeed's shards: refused if they hold code
+        except CheckpointError as err:
+            raise JobError(str(err)) from None
         self.stream.load_state_dict(trainer_state["data"][world.rank])
         self.step, self.tokens, self.elapsed_s = trainer_state["step"], trainer_state["tokens"], trainer_state["elapsed_s"]
         self.initial_eval_loss = trainer_state["initial_eval_loss"]

@@ -152,7 +152,9 @@ def run_pack(configs: Sequence[JobConfig], report: Report | None = None, joins: 
                     continue
                 if job.done:
                     leave(job, job.finish())
-            if stop_request.requested:
+            # A job in the middle of a step finishes it first: its stream has drawn the whole step, so only the
+            # step's end can be checkpointed (at most grad_accum - 1 more micro-batches).
+            if stop_request.requested and jobs and all(job.at_step_start for job in jobs):
                 _checkpoint_and_stop(jobs, stop_request.signal)
     finally:
         stop_request.restore()
@@ -221,10 +223,10 @@ def _narrow(logits: torch.Tensor | None, width: int) -> torch.Tensor | None:
 
 
 def _checkpoint_and_stop(jobs: list[AdapterJob], signum: int) -> None:
-    """A stop was asked for: each job between steps writes a checkpoint unless its newest one is at this
-    step (a job in the middle of accumulating a step abandons that step), then training ends."""
+    """A stop was asked for and every job is between steps: each writes a checkpoint unless its newest one
+    is at this step, then training ends."""
     for job in jobs:
-        if job.at_step_start and job.step and job.last_checkpoint != job.step:
+        if job.step and job.last_checkpoint != job.step:
             job.write_checkpoint()
     raise JobInterrupted(f"stopped by signal {signum}; run the same command again to resume from the newest checkpoint")
 

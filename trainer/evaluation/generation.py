@@ -183,9 +183,12 @@ def score_responses(
     *,
     batch_size: int = 4,
     with_base_kl: bool = False,
+    reference_model: torch.nn.Module | None = None,
 ) -> ResponseScores:
     """NLL of each response given its (rendered) prompt; with_base_kl also sums the per-token
-    KL(p_base || p_model), the base logits coming from the same model with its adapters off."""
+    KL(p_base || p_model), the base logits coming from `reference_model` when given (another model with
+    the same tokenizer on the same device, e.g. the unquantized base beside a quantized one), else from
+    the same model with its adapters off."""
     device = model_device(model)
     pairs = []
     for prompt, response in zip(prompts, responses):
@@ -194,7 +197,7 @@ def score_responses(
         pairs.append((prompt_ids, response_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     nll, counts, kl = [], [], []
-    with eval_mode(model):
+    with eval_mode(model), eval_mode(reference_model) if reference_model is not None else contextlib.nullcontext():
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             width = max(len(p) + len(r) for p, r in chunk)
@@ -215,9 +218,16 @@ def score_responses(
             nll.extend(part.sum().item() for part in torch.split(token_nll, per_row))
             counts.extend(per_row)
             if with_base_kl:
-                with adapters_off(model):
-                    base_logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+                base_logits = _base_logits(model, reference_model, input_ids, attention)
                 base_log_probs = torch.log_softmax(base_logits[target_mask], dim=-1)
                 token_kl = (base_log_probs.exp() * (base_log_probs - log_probs)).sum(-1)
                 kl.extend(part.sum().item() for part in torch.split(token_kl, per_row))
     return ResponseScores(nll=nll, tokens=counts, kl=kl if with_base_kl else None)
+
+
+def _base_logits(model: torch.nn.Module, reference_model: torch.nn.Module | None, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """What the KL compares with: `reference_model`'s logits, or the model's own with its adapters off."""
+    if reference_model is not None:
+        return reference_model(input_ids=input_ids, attention_mask=attention).logits.float()
+    with adapters_off(model):
+        return model(input_ids=input_ids, attention_mask=attention).logits.float()

@@ -33,9 +33,13 @@ def evaluate_matrix(
     adapter_dirs: Sequence[Path],
     tasks: TasksFile,
     transcripts: dict[str, Transcript] | None = None,
+    reference_model: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the base alone and of each adapter on it: {"base": {...}, "<adapter>": {...}}.
     With `transcripts`, each row's generated text per task row lands in transcripts[row name].
+    The forgetting measures compare every row with `base_model` (adapters off), or with `reference_model`
+    when given: e.g. the 16-bit base, so that adapters on bases of different precisions drift from one
+    reference (the base row then shows what the quantization alone changes).
 
     The adapters are loaded side by side into one PEFT model over the one base (a few MB each) and
     switched with set_adapter; the base reference is computed once for all rows. peft injects the adapter
@@ -45,9 +49,10 @@ def evaluate_matrix(
     for path in adapter_dirs:
         if not (Path(path) / "adapter_config.json").is_file():
             raise ConfigError(Problem("not a PEFT adapter directory (no adapter_config.json)", file=str(path), fix="give the adapter/ directory of a job"))
-    reference = build_base_reference(base_model, tokenizer, tasks)
+    reference = build_base_reference(base_model if reference_model is None else reference_model, tokenizer, tasks)
     record = (lambda name: transcripts.setdefault(name, [])) if transcripts is not None else (lambda name: None)  # noqa: E731
-    rows = {"base": evaluate_tasks(base_model, tokenizer, tasks, base_reference=reference, transcript=record("base"))}
+    compare = {"base_reference": reference, "reference_model": reference_model}
+    rows = {"base": evaluate_tasks(base_model, tokenizer, tasks, transcript=record("base"), **compare)}
     model = None
     for index, (name, path) in enumerate(zip(adapter_row_names(adapter_dirs), adapter_dirs)):
         slot = f"adapter{index}"  # peft keeps adapters in a ModuleDict, whose keys may not hold dots
@@ -56,5 +61,5 @@ def evaluate_matrix(
         else:
             model.load_adapter(str(path), adapter_name=slot)
         model.set_adapter(slot)
-        rows[name] = evaluate_tasks(model, tokenizer, tasks, base_reference=reference, transcript=record(name))
+        rows[name] = evaluate_tasks(model, tokenizer, tasks, transcript=record(name), **compare)
     return rows

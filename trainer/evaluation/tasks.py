@@ -2,7 +2,8 @@
 
 Forgetting metrics compare the adapted model with its own base (adapters switched off with peft's
 `disable_adapter()`, so no second copy of the model) on held-out general prompts that the *base*
-answered (`BaseReference`):
+answered (`BaseReference`). A `reference_model` given instead (e.g. the 16-bit base of an adapter on a
+quantized one) takes the base's place: its answers, its distributions.
 
 - `drift_kl`: mean per-token KL(p_base || p_adapted) over the base-generated response tokens;
 - `response_nll`: mean NLL of those base responses under the adapted model (`response_nll_increase`
@@ -107,14 +108,16 @@ def evaluate_tasks(
     *,
     base_reference: BaseReference | None = None,
     transcript: Transcript | None = None,
+    reference_model: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Every task metric as eval/<task>/<metric>, and the forgetting metrics as eval/forgetting/<metric>.
 
     `base_reference` (from build_base_reference) is computed here when not given; a training loop builds
-    it once and passes it to every evaluation. `transcript` collects each task row's output. The model's
-    train/eval mode is restored afterwards."""
+    it once and passes it to every evaluation. `transcript` collects each task row's output. The forgetting
+    measures compare with the model's own base (adapters off), or with `reference_model` when given; then
+    `base_reference` must come from that model. The model's train/eval mode is restored afterwards."""
     with dequantized_4bit(model):  # once for all the tasks' generate and score calls
-        return _evaluate_tasks(model, tokenizer, tasks, base_reference, transcript)
+        return _evaluate_tasks(model, tokenizer, tasks, base_reference, transcript, reference_model)
 
 
 def _evaluate_tasks(
@@ -123,9 +126,10 @@ def _evaluate_tasks(
     tasks: TasksFile,
     base_reference: BaseReference | None,
     transcript: Transcript | None,
+    reference_model: torch.nn.Module | None,
 ) -> dict[str, float]:
     if base_reference is None:
-        base_reference = build_base_reference(model, tokenizer, tasks)
+        base_reference = build_base_reference(model if reference_model is None else reference_model, tokenizer, tasks)
     metrics: dict[str, float] = {}
     drops = []
     for task in tasks.tasks:
@@ -143,7 +147,7 @@ def _evaluate_tasks(
     if base_reference.prompts:
         scores = score_responses(
             model, tokenizer, base_reference.prompts, base_reference.responses,
-            batch_size=tasks.forgetting.batch_size if tasks.forgetting else 4, with_base_kl=True,
+            batch_size=tasks.forgetting.batch_size if tasks.forgetting else 4, with_base_kl=True, reference_model=reference_model,
         )
         metrics["eval/forgetting/drift_kl"] = scores.mean_kl
         metrics["eval/forgetting/response_nll"] = scores.mean_nll
