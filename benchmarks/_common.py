@@ -1,5 +1,5 @@
-"""What every benchmark report names: the machine it ran on. (Results are written with
-trainer.checkpoint.atomic_write_text.)"""
+"""What every benchmark report names: the machine it ran on; and how its plot is written (atomically,
+as every result is: schema.atomic)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import platform
 from pathlib import Path
 from typing import Any
+
+from schema.atomic import write_bytes_atomic
 
 
 def cpu_model() -> str:
@@ -39,3 +41,15 @@ def describe(machine: dict[str, Any]) -> str:
     """One line for a markdown report."""
     device = f"GPU {machine['gpu']}" if machine.get("gpu") else "CPU only, no GPU"
     return f"{machine['os']}, {machine['cpu_cores']} CPU cores ({machine['cpu']}), {device}, torch {machine['torch']}"
+
+
+def save_png(figure: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to `path` as a PNG, atomically, and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return write_bytes_atomic(path, buffer.getvalue())

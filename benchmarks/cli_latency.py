@@ -18,7 +18,6 @@ check of a small fleet each within 1.5 s on this machine.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import subprocess
@@ -32,8 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import describe, machine_description  # noqa: E402
-from schema.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from _common import describe, machine_description, save_png  # noqa: E402
+from schema.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET_S = 1.5
@@ -102,9 +101,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axis.set(xlabel="median wall time (s)", title=f"lorafleet commands vs. baselines ({describe(result['machine'])[:60]})")
     axis.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_png(figure, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:

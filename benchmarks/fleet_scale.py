@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import statistics
 import sys
@@ -38,8 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import describe, machine_description  # noqa: E402
-from schema.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from _common import describe, machine_description, save_png  # noqa: E402
+from schema.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -207,9 +206,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axis.invert_yaxis()
     figure.suptitle("when each job ran (blue: 1 GPU, red: 2 GPUs on one node)")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_png(figure, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ asking for a slot to the job's first step, split into waiting, worker start and 
 
     .venv/bin/python benchmarks/fleet_throughput.py [--jobs 16] [--steps 20] [--slots 2] [--max-adapters 4]
 
-Writes benchmarks/results/fleet_throughput.{json,md} atomically.
+Writes benchmarks/results/fleet_throughput.{json,md,png} atomically.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -34,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import ray  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from _common import describe, machine_description  # noqa: E402
+from _common import describe, machine_description, save_png  # noqa: E402
 from cluster.capacity import job_shape  # noqa: E402
 from cluster.fleet import FleetJob, FleetRunner  # noqa: E402
 from cluster.records import FleetRecord  # noqa: E402
@@ -100,6 +101,43 @@ def startup(record: FleetRecord) -> dict[str, float]:
     return {name: statistics.mean(values) for name, values in parts.items()}
 
 
+def timeline(record: FleetRecord) -> list[dict[str, Any]]:
+    """Each job's last attempt, in seconds from the mode's first submit: asked for a slot, first step, end."""
+    zero = min(job.attempts[-1].submitted_at for job in record.jobs.values())
+    return [
+        {"job": name, "worker": job.attempts[-1].worker, "submitted_s": job.attempts[-1].submitted_at - zero,
+         "first_step_s": job.attempts[-1].first_step_at - zero, "ended_s": job.attempts[-1].ended_at - zero}
+        for name, job in record.jobs.items()
+    ]
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """One panel per mode: a bar per job, grey from asking for a slot to its first step, coloured (by worker
+    process) while it trains. Both panels share the time axis, so the makespans compare at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = result["modes"]
+    figure, axes = plt.subplots(len(modes), 1, figsize=(10, 2.0 + 0.28 * result["settings"]["jobs"] * len(modes)), sharex=True)
+    colors = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i not in (14, 15)]  # tab20's greys are the waiting colour
+    for axis, (name, mode) in zip(axes, modes.items()):
+        workers = {}
+        for row, job in enumerate(mode["timeline"]):
+            color = colors[workers.setdefault(job["worker"], len(workers)) % len(colors)]
+            axis.barh(row, job["first_step_s"] - job["submitted_s"], left=job["submitted_s"], color="lightgrey", height=0.7)
+            axis.barh(row, job["ended_s"] - job["first_step_s"], left=job["first_step_s"], color=color, height=0.7)
+        axis.set_yticks(range(len(mode["timeline"])), [job["job"] for job in mode["timeline"]], fontsize="x-small")
+        axis.invert_yaxis()
+        axis.set_title(f"{name}: makespan {mode['makespan_s']:.0f} s, {mode['worker_starts']} worker processes", fontsize="medium")
+        axis.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("seconds since the first job asked for a slot (grey: waiting and start-up; colour: training, one colour per worker)")
+    figure.suptitle(f"{result['settings']['jobs']} jobs on {result['settings']['slots']} slots ({describe(result['machine'])[:70]})", fontsize="medium")
+    figure.tight_layout()
+    save_png(figure, path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python", "benchmarks/fleet_throughput.py", *argv]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": vars(args) | {"out": str(args.out)},
-        "modes": {name: {**record.summary, "startup": startup(record)} for name, record in modes.items()},
+        "modes": {name: {**record.summary, "startup": startup(record), "timeline": timeline(record)} for name, record in modes.items()},
         "makespan_ratio": separate.summary["makespan_s"] / packed.summary["makespan_s"],
         "aggregate_tokens_per_s_ratio": packed.summary["aggregate_tokens_per_s"] / separate.summary["aggregate_tokens_per_s"],
         "benchmark_wall_s": total_s,
@@ -138,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
     write_json_atomic(args.out / "fleet_throughput.json", result)
+    plot(result, args.out / "fleet_throughput.png")
     text = render(result)
     write_text_atomic(args.out / "fleet_throughput.md", text)
     print(text)
@@ -171,6 +210,8 @@ def render(result: dict) -> str:
         "",
         f"Makespan ratio ({names[0]} / {names[1]}): **{result['makespan_ratio']:.2f}x**; aggregate tokens/s ratio: "
         f"**{result['aggregate_tokens_per_s_ratio']:.2f}x** (target: makespan ≥ 1.5x better packed).",
+        "",
+        "![when each job waited and trained, in both modes](fleet_throughput.png)",
         "",
     ])
 

@@ -28,7 +28,6 @@ Writes benchmarks/results/pack_throughput_<device>.{json,md,png} atomically.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -42,8 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import describe, machine_description  # noqa: E402
-from schema.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from _common import describe, machine_description, save_png  # noqa: E402
+from schema.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("arithmetic", "sort_words")
@@ -256,9 +255,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axis.grid(alpha=0.3)
     figure.suptitle(f"{result['settings']['model']} QLoRA adapters: one pack vs K processes ({result['machine']['device']})")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_png(figure, path, dpi=110)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import subprocess
@@ -43,9 +42,9 @@ sys.path[:0] = [str(ROOT)]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import describe, machine_description
+from _common import describe, machine_description, save_png
 
-from schema.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from schema.atomic import write_json_atomic, write_text_atomic
 from schema.job import QuantConfig
 from schema.jobdir import JobDir
 from schema.yamlfile import dump_yaml
@@ -367,7 +366,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict) -> bytes:
+def plot(summary: dict):
     """Accuracy (and GSM8K NLL) against training bits, one line per restoration level, SE error bars."""
     import matplotlib
 
@@ -397,10 +396,7 @@ def plot(summary: dict) -> bytes:
         axis.grid(alpha=0.3)
     axes[0].legend(title="evaluated on")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure
 
 
 def main() -> None:
@@ -463,7 +459,7 @@ def main() -> None:
         "timings_s": {"train": round(train_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
     }
     write_json_atomic(args.out / "plr.json", summary)
-    write_bytes_atomic(args.out / "plr.png", plot(summary))
+    save_png(plot(summary), args.out / "plr.png", dpi=120)
     write_text_atomic(args.out / "plr.md", markdown(summary))
     print(markdown(summary))
 

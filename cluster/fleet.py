@@ -534,6 +534,10 @@ class FleetRunner:
                 self._dirty = True
             elif event in ("finished", "failed"):
                 self._job_ended(worker, name, metrics.get("result") or {"error": metrics.get("error", "")})
+            elif "phase" in metrics:
+                entry.phase = metrics["phase"]
+                self.changed.add(name)
+                self._dirty = True
             elif "train/loss" in metrics:
                 entry.step = int(metrics.get("step", entry.step))
                 entry.loss = _finite(metrics["train/loss"])
@@ -553,7 +557,7 @@ class FleetRunner:
         entry.attempts[-1].ended_at = entry.ended_at = time.time()
         entry.state, entry.result, entry.error = FINISHED, outcome, None  # earlier attempts keep their errors
         entry.adapter_dir = str(JobDir(entry.output_dir).adapter)
-        entry.step, entry.loss, entry.eta_s = outcome.get("steps", entry.step), outcome.get("train_loss"), 0.0
+        entry.step, entry.loss, entry.eta_s, entry.phase = outcome.get("steps", entry.step), outcome.get("train_loss"), 0.0, None
         self.changed.add(name)
         self._dirty = True
 
@@ -563,7 +567,7 @@ class FleetRunner:
         worker.jobs.discard(name)
         entry.attempts[-1].error = error
         entry.attempts[-1].ended_at = entry.ended_at = time.time()
-        entry.error = error
+        entry.error, entry.phase = error, None
         if count:
             self.failures[name] += 1
         if retry and self.failures[name] <= job.max_failures:
@@ -580,7 +584,7 @@ class FleetRunner:
                 entry = self.record.jobs[name]
                 entry.attempts[-1].error = "interrupted: the driver was stopped"
                 entry.attempts[-1].ended_at = entry.ended_at = time.time()
-                entry.state = INTERRUPTED
+                entry.state, entry.phase = INTERRUPTED, None
             worker.jobs.clear()
             self._end_worker(worker)
 

@@ -53,6 +53,7 @@ class JobRecord:
     eta_s: float | None = None
     node: str | None = None
     worker: str | None = None  # the worker set (and so the adapter pack) of the latest attempt
+    phase: str | None = None  # what a running job does between steps ("evaluating"); None while it trains
     started_at: float | None = None
     ended_at: float | None = None
     adapter_dir: str | None = None

@@ -40,9 +40,10 @@ def jobs_table(record: FleetRecord, names: list[str] | None = None, caption: str
         table.add_column(column, justify="left" if column in ("job", "state", "worker", "node") else "right")
     for job in (record.jobs.values() if names is None else (record.jobs[n] for n in names)):
         style = STATE_STYLES.get(job.state, "")
+        state = f"{job.state} ({job.phase})" if job.phase and job.state in ("starting", "running") else job.state
         table.add_row(
             job.name,
-            f"[{style}]{job.state}[/]" if style else job.state,
+            f"[{style}]{state}[/]" if style else state,
             str(job.attempt),
             f"{job.step}/{job.max_steps}",
             _number(job.loss, "{:.4f}"),
@@ -138,7 +139,8 @@ class LogLinesView:
         self.progress_every_s = progress_every_s
         self.seen: dict[str, tuple[str, int]] = {}
         self.last_progress: dict[str, float] = {}
-        self.running: set[str] = set()
+        self.shown: dict[str, tuple[int, str | None]] = {}  # (step, phase) of each job's last line
+        self.active: set[str] = set()
 
     def update(self, record: FleetRecord, changed: set[str]) -> None:
         now = time.time()
@@ -148,10 +150,14 @@ class LogLinesView:
                 self.seen[name] = (job.state, job.attempt)
                 self._line(job, detail=job.error if job.state in ("queued", "failed") and job.error else None)
                 self.last_progress[name] = now
-            (self.running.add if job.state == "running" else self.running.discard)(name)
-        for name in sorted(self.running):
-            if now - self.last_progress.get(name, 0.0) >= self.progress_every_s:
-                self._line(record.jobs[name])
+            (self.active.add if job.state in ("starting", "running") else self.active.discard)(name)
+        for name in sorted(self.active):
+            job = record.jobs[name]
+            # A phase change shows at once; a progress line only when the step moved (a long evaluation
+            # is one "evaluating" line, not one identical line every progress_every_s).
+            moved = self.shown.get(name, (0, None))[0] != job.step and now - self.last_progress.get(name, 0.0) >= self.progress_every_s
+            if moved or self.shown.get(name, (0, None))[1] != job.phase:
+                self._line(job)
                 self.last_progress[name] = now
 
     def close(self, record: FleetRecord) -> None:
@@ -160,7 +166,9 @@ class LogLinesView:
             self.console.print(table)
 
     def _line(self, job: JobRecord, detail: str | None = None) -> None:
-        parts = [f"job {job.name}: {job.state}", f"attempt {job.attempt}", f"step {job.step}/{job.max_steps}"]
+        self.shown[job.name] = (job.step, job.phase)
+        state = f"{job.state} ({job.phase})" if job.phase and job.state in ("starting", "running") else job.state
+        parts = [f"job {job.name}: {state}", f"attempt {job.attempt}", f"step {job.step}/{job.max_steps}"]
         if job.loss is not None:
             parts.append(f"loss {job.loss:.4f}")
         if job.tokens_per_s:

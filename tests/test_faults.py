@@ -367,3 +367,28 @@ def test_sigterm_stops_lorafleet_train_with_a_checkpoint_and_a_rerun_resumes_exa
     assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
     assert json.loads(job_dir.final_file.read_text())["resumed_from_step"] == stopped_at
     assert_same_losses(train_losses(config.output_dir), uninterrupted)
+
+
+def test_every_checkpoint_file_is_fsynced_before_the_directory_is_renamed_into_place(make_job, monkeypatch):
+    config = make_job(train={"max_steps": 1}, checkpoint={"every": 1, "keep": 1})
+    events, real_fsync, real_rename = [], os.fsync, Path.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", str(self), str(target)))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    run_job(config)
+    checkpoint = config.output_dir / "checkpoints" / "step-1"
+    (moved,) = [index for index, event in enumerate(events) if event[0] == "rename" and event[2] == str(checkpoint)]
+    staging = events[moved][1]
+    synced_before = {event[1] for event in events[:moved] if event[0] == "fsync"}
+    files = [p.relative_to(checkpoint) for p in checkpoint.rglob("*") if p.is_file()]
+    assert files and MANIFEST in {str(f) for f in files}
+    assert [f for f in files if os.path.join(staging, f) not in synced_before] == []
+    assert staging in synced_before  # the staging directory's own entries, too

@@ -84,3 +84,36 @@ def test_views(tmp_path, monkeypatch):
     live.close(record)
     drawn = terminal.getvalue()
     assert "fleet f" in drawn and "fleet summary" in drawn and "233.3" in drawn  # aggregate tokens/s
+
+
+def test_a_phase_shows_once_and_progress_lines_only_when_the_step_moves(tmp_path):
+    record = FleetRecord(name="f", run_dir=str(tmp_path), slots=1)
+    job = record.jobs["a"] = JobRecord(name="a", output_dir="a", workers=1, max_steps=40, state="starting", attempts=[Attempt(number=1, submitted_at=1.0)])
+    out = io.StringIO()
+    view = LogLinesView(Console(file=out, width=200), progress_every_s=0.0)
+
+    def lines() -> list[str]:
+        return [line.split(" ", 2)[2] for line in out.getvalue().splitlines()]
+
+    view.update(record, {"a"})
+    job.phase = "evaluating before training"
+    for _ in range(3):  # a long evaluation: the driver ticks, nothing moves
+        view.update(record, {"a"})
+    assert lines() == ["job a: starting, attempt 1, step 0/40", "job a: starting (evaluating before training), attempt 1, step 0/40"]
+    job.phase, job.state = None, "running"
+    view.update(record, {"a"})
+    job.step, job.loss = 1, 2.5
+    view.update(record, set())
+    view.update(record, set())
+    assert lines()[2:] == ["job a: running, attempt 1, step 0/40", "job a: running, attempt 1, step 1/40, loss 2.5000"]
+
+    # The trainer reports its phases to the fleet as it enters and leaves them.
+    from schema.jobdir import JobDir
+    from trainer.tracking import Tracker
+
+    reports = []
+    tracker = Tracker(JobDir(tmp_path / "a"), "a", max_steps=40, resume_step=0, report=reports.append, display=False)
+    tracker.phase("evaluating")
+    tracker.phase(None)
+    tracker.close()
+    assert reports == [{"job": "a", "phase": "evaluating"}, {"job": "a", "phase": None}]
