@@ -208,6 +208,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Each job: {result['settings']['model']} NF4 + double quantization, LoRA r 8/16/32 on q/k/v/o, paged AdamW 8-bit, "
         f"gradient checkpointing, {result['settings']['steps']} steps of {result['settings']['micro_batch']} x {result['settings']['seq_len']} tokens; "
         "data and learning rates differ per job. Tokens are non-padding tokens.",
+        *([f"Every process runs torch with its default intra-op threads, one per core ({result['machine']['cpu_cores']} here): K separate "
+           "processes share those cores, as K `lorafleet train` commands started side by side do, while a pack is one process."]
+          if result["machine"]["device"] == "cpu" else []),
         "",
         "| K | arm | processes | aggregate tokens/s (makespan) | steady tokens/s | makespan (s) | peak memory, sum (MiB) | start to first step (s, mean) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -229,6 +232,9 @@ def markdown(result: dict[str, Any]) -> str:
         hf = result["hf"]
         lines += ["", f"Against the HF Trainer + peft + bitsandbytes baseline run as {hf['k']} processes: the pack of {hf['k']} reaches "
                   f"{hf['steady_ratio']:.2f}x its steady tokens/s at {hf['memory_ratio']:.2f}x its summed peak memory."]
+    growth = memory_growth(result)
+    if growth:
+        lines += ["", growth]
     lines += ["", "![tokens/s and memory against K](pack_throughput_%s.png)" % result["machine"]["device"], ""]
     return "\n".join(lines)
 
@@ -256,6 +262,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
     figure.suptitle(f"{result['settings']['model']} QLoRA adapters: one pack vs K processes ({result['machine']['device']})")
     figure.tight_layout()
     save_png(figure, path, dpi=110)
+
+
+def vocab_size(model: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_model_dir(model)).vocab_size
+
+
+def memory_growth(result: dict[str, Any]) -> str | None:
+    """Where a pack's memory goes: its peak grows per adapter by about the activations of one more
+    micro-batch, of which the fp32 logits over the vocabulary are the largest tensor (held several times
+    over in the loss and its backward). None with fewer than two pack sizes."""
+    packs = sorted((r for r in result["rows"] if r["arm"] == "pack"), key=lambda r: r["k"])
+    if len(packs) < 2 or "vocab_size" not in result:
+        return None
+    first, last = packs[0], packs[-1]
+    per_adapter = (last["peak_rss_bytes_sum"] - first["peak_rss_bytes_sum"]) / (last["k"] - first["k"])
+    settings = result["settings"]
+    logits = settings["micro_batch"] * settings["seq_len"] * result["vocab_size"] * 4
+    return (
+        f"Where a pack's memory goes: from K = {first['k']} to K = {last['k']} its peak grew by {per_adapter / 2**20:.0f} MiB per adapter, "
+        f"the activations of one more micro-batch; the base ({first['peak_rss_bytes_sum'] / 2**20:.0f} MiB with one adapter, "
+        f"libraries included) is paid once. The largest single activation is one adapter's fp32 logits, "
+        f"{settings['micro_batch']} x {settings['seq_len']} tokens x {result['vocab_size']:,} vocabulary = {logits / 2**20:.0f} MiB, and the loss "
+        f"and its backward hold several tensors of that size. A loss computed over chunks of rows (or fused with the output layer) would "
+        f"never hold them whole; how much of the growth that saves is not measured here."
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -305,6 +338,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             "peak_memory": pack["peak_rss_bytes_sum"] / separate["peak_rss_bytes_sum"],
         }
     return {
+        "vocab_size": vocab_size(args.model),
         "machine": machine_description(),
         "command": " ".join(["python", "benchmarks/pack_throughput.py", *argv]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

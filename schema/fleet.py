@@ -21,8 +21,8 @@ class PackingConfig(Section):
         ge=1,
         description=(
             "Most adapters one worker trains at once on its shared base (an adapter pack); 1 gives every job its own "
-            "worker. Default 4: on the 2-core CPU it trained 4 SmolLM2 adapters at the highest aggregate tokens/s "
-            "measured (benchmarks/results/pack_throughput_cpu.md)."
+            "worker. Default 4: on a 2-core CPU a pack of 4 SmolLM2 adapters trained at 3.6x the tokens/s of 4 separate "
+            "processes, and a pack of 8 was slower than 4 at 2.2x its memory (benchmarks/results/pack_throughput_cpu.md)."
         ),
     )
 
