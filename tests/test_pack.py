@@ -66,7 +66,7 @@ def three_jobs(make_job, tmp_path):
     return configs
 
 
-def test_packed_adapters_equal_their_solo_runs(three_jobs, tmp_path):
+def test_packed_adapters_equal_their_solo_runs(three_jobs, tmp_path, tiny_model_dir):
     for config in three_jobs(tmp_path / "solo"):
         run_job(config)
     configs = three_jobs(tmp_path / "pack")
@@ -81,6 +81,19 @@ def test_packed_adapters_equal_their_solo_runs(three_jobs, tmp_path):
         assert packed_files == solo_files
     c_eval = [json.loads(line) for line in (tmp_path / "pack" / "c" / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
     assert [row["step"] for row in c_eval] == [0, 2, 4, 5]  # c's own eval cadence, and at its end
+
+    # A packed adapter is a plain PEFT adapter: peft loads it onto the base with its own rank and targets.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tmp_path / "pack" / "b" / "adapter")
+    assert loaded.peft_config["default"].r == 8 and set(loaded.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    state = {name: tensor for name, tensor in loaded.state_dict().items() if "lora_" in name}
+    saved = weights(tmp_path / "pack" / "b")
+    assert len(state) == len(saved) > 0
+    for name, tensor in saved.items():
+        (loaded_name,) = [key for key in state if key.replace(".default", "").endswith(name.removeprefix("base_model.model."))]
+        assert torch.equal(state[loaded_name], tensor), name
 
 
 def test_a_failing_adapter_leaves_the_pack_and_the_others_carry_on(three_jobs, make_job, tmp_path):

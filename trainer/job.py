@@ -289,6 +289,8 @@ class AdapterJob:
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, at_step: int) -> dict[str, float]:
+        if not self.eval_batches and self.tasks is None:
+            return {}  # no eval data and no tasks: nothing to evaluate, no "evaluating" phase to show
         if self.tracker is not None:
             self.tracker.phase("evaluating" if at_step else "evaluating before training")
         base = self.shared.base
