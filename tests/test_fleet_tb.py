@@ -150,3 +150,21 @@ def test_epoch_is_logged_where_it_changes_not_as_a_line_every_step(tmp_path):
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("data/epoch")] == [(3, 1.0), (6, 2.0)]
     assert [row.get("data/epoch") for row in map(json.loads, job_dir.metrics.read_text().splitlines())] == [None, None, 1.0, None, None, 2.0]
+
+
+def test_a_section_only_some_jobs_set_is_a_swept_hparam():
+    """The demo fleet: two jobs without LwF, one with it. LwF's weight is what tells them apart, shown once,
+    not the unset jobs' placeholder nor the section's other fields; a swept rank still shows."""
+    from cluster.tensorboard import swept_hparams
+
+    common = {"lora.r": 16, "optim.lr": 0.001, "data.train.0.path": "a.jsonl"}
+    jobs = [
+        {**common, "forgetting.lwf": "None"},
+        {**common, "forgetting.lwf.weight": 0.5, "forgetting.lwf.temperature": 1.0, "forgetting.lwf.on": "task"},
+        {**common, "forgetting.lwf": "None", "data.train.0.path": "b.jsonl"},
+    ]
+    assert swept_hparams(jobs) == {"forgetting.lwf.weight"}
+    jobs[2]["lora.r"] = 8
+    assert swept_hparams(jobs) == {"forgetting.lwf.weight", "lora.r"}
+    jobs[2] = {**common, "forgetting.lwf.weight": 1.0, "forgetting.lwf.temperature": 1.0, "forgetting.lwf.on": "task"}
+    assert swept_hparams(jobs) == {"forgetting.lwf.weight"}  # varies where set: its constant siblings stay hidden
