@@ -113,7 +113,7 @@ def test_a_phase_shows_once_and_progress_lines_only_when_the_step_moves(tmp_path
 
     reports = []
     tracker = Tracker(JobDir(tmp_path / "a"), "a", max_steps=40, resume_step=0, report=reports.append, display=False)
-    tracker.phase("evaluating")
-    tracker.phase(None)
+    tracker.phase("evaluating", 5)
+    tracker.phase(None, 5)
     tracker.close()
-    assert reports == [{"job": "a", "phase": "evaluating"}, {"job": "a", "phase": None}]
+    assert reports == [{"job": "a", "step": 5, "max_steps": 40, "phase": "evaluating"}, {"job": "a", "step": 5, "max_steps": 40, "phase": None}]

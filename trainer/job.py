@@ -292,7 +292,7 @@ class AdapterJob:
         if not self.eval_batches and self.tasks is None:
             return {}  # no eval data and no tasks: nothing to evaluate, no "evaluating" phase to show
         if self.tracker is not None:
-            self.tracker.phase("evaluating" if at_step else "evaluating before training")
+            self.tracker.phase("evaluating" if at_step else "evaluating before training", at_step)
         base = self.shared.base
         base.router.route_all(self.adapter)
         metrics = {"eval/loss": evaluate_loss(base.model, self.eval_batches, self.config.eval.max_batches)} if self.eval_batches else {}
@@ -315,7 +315,7 @@ class AdapterJob:
         if metrics:
             self.log(at_step, metrics)
         if self.tracker is not None:
-            self.tracker.phase(None)
+            self.tracker.phase(None, at_step)
         return metrics
 
     # -- checkpoints and results -------------------------------------------------------------------

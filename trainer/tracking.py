@@ -122,15 +122,15 @@ class Tracker:
         times = [t for t in self._step_times if math.isfinite(t)]
         return sum(times) / len(times) * (self.max_steps - step) if times else math.nan
 
-    def phase(self, text: str | None) -> None:
-        """What the job is doing between steps ("evaluating"); None: back to training. A fleet's view shows
-        it too: an evaluation can take minutes, in which the step does not move."""
+    def phase(self, text: str | None, step: int) -> None:
+        """What the job is doing at `step`, between steps ("evaluating"); None: back to training. A fleet's
+        view shows it too: an evaluation can take minutes, in which the step does not move."""
         if self.progress is not None:
             self.progress.update(self.progress.task_ids[0], state=text or self._last_line)
         elif text:
             log.info("%s: %s", self.job, text)
         if self.report is not None:
-            self.report({"job": self.job, "phase": text})
+            self.report({"job": self.job, "step": step, "max_steps": self.max_steps, "phase": text})
 
     def log_hparams(self, config: dict[str, Any], final_metrics: dict[str, float], step: int) -> None:
         """The job's session in the HPARAMS tab, in the same run as its scalars: `config` flattened as its
