@@ -36,6 +36,7 @@ from cluster.records import FAILED, FINISHED, PLACING, QUEUED, RUNNING, SKIPPED,
 from schema.atomic import DIR_MODE, FILE_MODE
 from schema.job import RESULT_NEUTRAL_FIELDS
 from schema.jobdir import JobDir
+from schema.sweep import differing_fields
 from trainer.tracking import hparam_values, hparams_summary
 
 FLEET_RUN = "fleet"
@@ -196,25 +197,10 @@ def _hparam_infos(hparams: dict[str, dict[str, Any]]) -> list[api_pb2.HParamInfo
 
 
 def swept_hparams(jobs: list[dict[str, Any]]) -> set[str]:
-    """The fields that tell the jobs apart. A section that some jobs set and others leave out (LwF) differs
-    by being there: the unset jobs hold a placeholder ("None") for it, the set ones its fields. Of the
-    fields of such a section, those with one value wherever they are set are left out when another of
-    them varies, and only the first is kept when none does: an LwF sweep shows `forgetting.lwf.weight`,
-    one job with LwF among jobs without shows that field alone, not also its temperature and `on`."""
-    order = list(dict.fromkeys(name for values in jobs for name in values))  # as the configs write them
-    values_of = {name: [values[name] for values in jobs if name in values] for name in order}
-    differing = [
-        name for name in order
-        if not _identifies_job(name) and (len({repr(v) for v in values_of[name]}) > 1 or len(values_of[name]) < len(jobs))
-        and not any(other.startswith(name + ".") for other in order)  # a placeholder for a section set elsewhere
-    ]
-    set_in = {name: frozenset(i for i, values in enumerate(jobs) if name in values) for name in differing}
-    varies = {name: len({repr(v) for v in values_of[name]}) > 1 for name in differing}
-    varying_groups = {set_in[name] for name in differing if varies[name]}
-    first_of_group: dict[frozenset, str] = {}
-    for name in differing:
-        first_of_group.setdefault(set_in[name], name)
-    return {name for name in differing if varies[name] or (set_in[name] not in varying_groups and first_of_group[set_in[name]] == name)}
+    """The fields that tell the jobs apart (schema.sweep.differing_fields), from their hparams, where a
+    section a job leaves out is written "None"."""
+    unset = [{name: None if value == "None" else value for name, value in values.items()} for values in jobs]
+    return set(differing_fields(unset, ignore=_identifies_job))
 
 
 def _identifies_job(name: str) -> bool:

@@ -28,6 +28,7 @@ from cluster.records import FINISHED, FLEET_JSON, Attempt, FleetRecordError, rea
 from schema.atomic import atomic_directory, json_text
 from schema.jobdir import JobDir
 from schema.problems import ConfigError, Problem
+from schema.sweep import differing_fields
 
 REPORT_DIR, REPORT_JSON = "report", "report.json"
 RUNNING = "running"
@@ -178,23 +179,8 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def swept_fields(configs: list[dict[str, Any]]) -> list[str]:
-    """The dotted keys whose values differ between the configs, in the order the configs write them.
-
-    A section that some jobs set and others leave out (LwF, a prior rehearsal, a second data source)
-    makes every one of its fields differ, most of them only by being there: `forgetting.lwf.on=task`
-    against nothing. Of the fields set in the same jobs, those with one value wherever they are set are
-    left out when another of them varies, and only the first of them is kept when none does. So a
-    sweep of LwF weights shows `forgetting.lwf.weight` alone, not also its temperature and `on`."""
-    flats = [flatten(config) for config in configs]
-    keys = dict.fromkeys(key for flat in flats for key in flat if key not in NOT_SETTINGS)
-    differing = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in flats}) > 1]
-    set_in = {key: frozenset(index for index, flat in enumerate(flats) if flat.get(key) is not None) for key in differing}
-    varies = {key: len({json.dumps(flats[index][key], sort_keys=True) for index in set_in[key]}) > 1 for key in differing}
-    varying_groups = {set_in[key] for key in differing if varies[key]}
-    first_of_group = {}
-    for key in differing:
-        first_of_group.setdefault(set_in[key], key)
-    return [key for key in differing if varies[key] or (set_in[key] not in varying_groups and first_of_group[set_in[key]] == key)]
+    """The dotted keys whose values differ between the configs (schema.sweep.differing_fields)."""
+    return differing_fields([flatten(config) for config in configs], ignore=lambda key: key in NOT_SETTINGS)
 
 
 def show_value(value: Any) -> str:
