@@ -13,10 +13,15 @@ of the queue cannot be placed, one node is held for it (no new work lands there)
 start on the other nodes, at most `backfill` of them (no bound by default). So a 2-GPU job at the head
 waiting for two GPUs on one node lets single-slot jobs use every other node, and it is never starved:
 its node drains as the jobs on it end. The held node is the one the running jobs' ETAs say will fit the
-head soonest. New worker sets go to the node that fits them most tightly (best fit), which leaves whole
-nodes free for 2-GPU jobs. One placement group is asked of Ray at a time, on the node the scheduler
-chose and counted (Ray's STRICT_PACK target-node hint), so Ray never places a job where the scheduler
-did not expect it.
+head soonest. No node is held while running worker sets of the head's shape will free, one for the
+head and one for each job of its shape queued right behind it, no later than that node would fit the
+head plus the time a new worker set takes to start (measured in this fleet): they take those jobs in
+their processes, and nothing is closed and restarted to make room. (Each such round trip costs a
+worker start, which for the trainer includes loading its base.) A shape short of worker sets piles
+its jobs up at the front of the queue, which makes a node be held and drained for a new one. New
+worker sets go to the node that fits them most tightly (best fit), which leaves whole nodes free for
+2-GPU jobs. One placement group is asked of Ray at a time, on the node the scheduler chose and counted
+(Ray's STRICT_PACK target-node hint), so Ray never places a job where the scheduler did not expect it.
 
 Failure. A worker that dies (a killed process, a lost node, an error outside a job) takes its pack with
 it: each of its jobs counts one attempt and goes back to the front of the queue while it has retries,
@@ -34,6 +39,7 @@ import itertools
 import math
 import os
 import signal
+import statistics
 import threading
 import time
 from collections import deque
@@ -106,6 +112,7 @@ class WorkerSet:
     first_jobs: list[str] = field(default_factory=list)  # what it starts with, once its actors answer
     node_id: str | None = None  # where its slots are counted: the chosen node from the request on, then the actual one
     runs_pending: int = 0
+    ran_a_job: bool = False  # its start time (request to first job running) was measured
 
 
 class FleetRunner:
@@ -149,6 +156,7 @@ class FleetRunner:
         self.placing: WorkerSet | None = None  # the one placement group asked of Ray and not yet ready
         self.passes = 0  # later jobs started while the head waits (the backfill rule)
         self.held: tuple[str, str] | None = None  # (head job, node held for it) while the head waits
+        self.start_times: deque[float] = deque(maxlen=16)  # request to first job running, of the latest worker sets
         self.failures: dict[str, int] = {job.name: 0 for job in jobs}
         self.waiting: dict[Any, tuple[str, str, int]] = {}  # ObjectRef -> (worker id, kind, rank)
         self.changed: set[str] = set()  # jobs whose state changed since the view last saw them
@@ -243,7 +251,7 @@ class FleetRunner:
                 return  # the budget is spent: nothing passes the head any more
             if self.placing is None:  # no room for the head (not just a placement in flight): hold its node
                 # Chosen again at every scan: the ETAs that pick it arrive with the jobs' first steps.
-                node = self._node_to_hold(self.jobs[head].shape)
+                node = self._node_to_hold(head)
                 self.held = (head, node) if node is not None else None
             avoid = self.held[1] if self.held else None
             passed = next((name for name in self._first_of_each_group(head) if self._start(name, avoid)), None)
@@ -252,10 +260,13 @@ class FleetRunner:
             self.passes += 1
             self.record.jobs[head].passed_by.append(passed)
 
-    def _node_to_hold(self, shape: JobShape) -> str | None:
+    def _node_to_hold(self, head: str) -> str | None:
         """The node a waiting head will fit on soonest. The ETAs of the jobs running there say when each
         worker set frees its slots (an idle one is free now; a job with no ETA yet counts as never); the
-        node whose free slots reach the head's need first is held. Ties go to the node with more free now."""
+        node whose free slots reach the head's need first is held. Ties go to the node with more free now.
+        None when worker sets of the head's shape take it and the jobs of its shape queued right behind it
+        about as soon (see _own_shape_serves)."""
+        shape = self.jobs[head].shape
         resource = "GPU" if shape.gpus_per_worker else "CPU"
         need = shape.workers * (shape.gpus_per_worker or shape.cpus_per_worker)
 
@@ -273,7 +284,27 @@ class FleetRunner:
             return (when if free >= need else math.inf, -free_now)
 
         big_enough = [node for node, capacity in self.capacity.items() if capacity[resource] >= need]
-        return min(big_enough, key=soonest) if big_enough else None
+        if not big_enough:
+            return None
+        node = min(big_enough, key=soonest)
+        if self.reuse_workers and self._own_shape_serves(shape, by_s=soonest(node)[0] + self._worker_start_s()):
+            return None  # worker sets of its shape take the head as they free: nothing closed, no new process
+        return node
+
+    def _own_shape_serves(self, shape: JobShape, by_s: float) -> bool:
+        """Whether running worker sets of `shape` free, one for the head and one for each job of its shape
+        queued right behind it, within `by_s` seconds. The run behind the head counts so that a shape short
+        of worker sets (its jobs pile up at the front of the queue while others pass) gets a node drained
+        for a new one, rather than waiting for its own kind job after job."""
+        releases = sorted(self._remaining_s(w) for w in self.workers.values() if w.shape == shape and w.state == RUNNING)
+        # Only the front run matters, and only up to one more than the worker sets there are (bounded work per scan).
+        backlog = sum(1 for _ in itertools.takewhile(lambda name: self.jobs[name].shape == shape, itertools.islice(self.queue, len(releases) + 1)))
+        return 0 < backlog <= len(releases) and releases[backlog - 1] <= by_s
+
+    def _worker_start_s(self) -> float:
+        """What a new worker set costs before it runs a job, as this fleet's latest starts measured it
+        (request to running, placement included); 0 before any has started."""
+        return statistics.median(self.start_times) if self.start_times else 0.0
 
     def _remaining_s(self, worker: WorkerSet) -> float:
         """Seconds until `worker` frees its slots: 0 when idle, else its slowest job's ETA."""
@@ -530,6 +561,9 @@ class FleetRunner:
                 attempt.running_at = time.time()
                 entry.started_at = entry.started_at or attempt.running_at  # the job's time counts from its first start, not its queueing
                 entry.state = RUNNING
+                if not worker.ran_a_job:
+                    worker.ran_a_job = True
+                    self.start_times.append(attempt.running_at - self.record.workers[worker.id]["requested_at"])
                 self.changed.add(name)
                 self._dirty = True
             elif event in ("finished", "failed"):

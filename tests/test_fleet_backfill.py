@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from ray.cluster_utils import Cluster
 from rich.console import Console
 
 from cluster.capacity import job_shape
-from cluster.fleet import FleetJob, FleetRunner
+from cluster.fleet import FleetJob, FleetRunner, WorkerSet
+from cluster.records import RUNNING
 from cluster.session import ray_nodes
 from cluster.simulation import sleeping_pack
 from cluster.view import LogLinesView
@@ -118,3 +120,42 @@ def test_the_waiting_head_gets_the_node_that_frees_first_and_later_jobs_use_the_
     assert head.running_at < min(record.jobs[n].attempts[0].ended_at for n in ("j2", "j3"))
     # Whoever started while the head waited ran elsewhere than its node.
     assert all(node_of[name] != node_of["j4"] for name in record.jobs["j4"].passed_by)
+
+
+def test_a_head_waits_for_a_worker_set_of_its_shape_rather_than_have_one_closed_for_it(two_nodes_of_two_gpus, tmp_path):
+    # The hold decision, on the scheduler's own books: node A runs a 2-GPU job (j0), node B two 1-GPU jobs
+    # (j1, j2). Holding A for a waiting 1-GPU head would close A's 2-GPU worker set when j0 ends and start
+    # two new processes there; a 1-GPU worker set on B that frees about as soon takes the head in its process.
+    jobs = fleet(tmp_path, [2, 1, 1, 1, 2, 1], [10] * 6)
+    view = LogLinesView(Console(file=io.StringIO(), width=200))
+    nodes = [node for node in two_nodes_of_two_gpus if node.gpus]
+    runner = FleetRunner("sim", jobs, tmp_path / "run", nodes, view, slots=4, max_adapters=1)
+    node_a, node_b = sorted(runner.capacity)
+    for index, node in ((0, node_a), (1, node_b), (2, node_b)):
+        job = jobs[index]
+        worker = WorkerSet(id=f"w{index}", shape=job.shape, group=job.group, capacity=1, placement=None, state=RUNNING, jobs={job.name}, node_id=node)
+        runner.workers[worker.id] = worker
+        runner._count(worker, +1)
+
+    def hold(head: int, etas: tuple[float, float, float], start_s: float | None, queue: tuple[int, ...] = ()):
+        for name, eta in zip(("j0", "j1", "j2"), etas):
+            runner.record.jobs[name].eta_s = eta
+        runner.start_times.clear()
+        runner.start_times.extend([] if start_s is None else [start_s])
+        runner.queue = deque(f"j{index}" for index in (head, *queue))
+        return runner._node_to_hold(f"j{head}")
+
+    # A 1-GPU head (j3).
+    assert hold(3, (2.0, 5.0, 60.0), start_s=None) == node_a  # no start measured yet: the node that fits it first
+    assert hold(3, (2.0, 5.0, 60.0), start_s=1.0) == node_a  # B frees 3 s after A: more than a start costs
+    assert hold(3, (2.0, 2.5, 60.0), start_s=1.0) is None  # B frees within a start's cost: the head waits for it
+    assert hold(3, (6.0, 5.0, 60.0), start_s=0.0) is None  # B frees first
+    assert hold(3, (2.0, 2.5, 60.0), start_s=1.0, queue=(4, 5)) is None  # a 2-GPU job comes next: one 1-GPU set is enough
+    # Another 1-GPU job queued right behind the head needs a second 1-GPU set, and B's other one frees at 60 s:
+    # the 1-GPU jobs are short of worker sets, so A is held and turned into 1-GPU ones.
+    assert hold(3, (2.0, 2.5, 60.0), start_s=1.0, queue=(5, 4)) == node_a
+    assert hold(3, (2.0, 2.5, 3.0), start_s=1.0, queue=(5, 4)) is None  # unless both free about as soon
+    # A 2-GPU head (j4): B drains long before A's 2-GPU job ends, so B is held; if A's ends about as soon, no hold.
+    assert hold(4, (30.0, 5.0, 8.0), start_s=1.0) == node_b
+    assert hold(4, (8.5, 5.0, 8.0), start_s=1.0) is None
+    assert hold(4, (30.0, 5.0, None), start_s=1.0) is None  # j2 has no ETA yet (never, for now): B cannot beat A's own
