@@ -237,31 +237,43 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
         held_out[task_config.name] = {"n": len(examples)}
         if task_config.metric == "label":  # what always answering the commonest label scores
             held_out[task_config.name]["labels"] = dict(Counter(example.reference for example in examples).most_common())
-    # Drift is measured against the 16-bit base in every column, so the columns are comparable.
-    reference = load_base_model(args.model, QuantConfig(bits=16), dtype=resolve_dtype(args.model, 16, None))
+    # Each (base, task) evaluation is kept as it ends, so an interrupted run (this is hours on a CPU) goes on
+    # where it stopped: same fleet (its directory is named by its content) and same evaluation settings.
+    settings = {"model": args.model, "tasks": {task: eval_tasks(work, task, args) for task in TASKS}, "probe_n": args.probe_n}
+    done_dir = work / f"{fleet_dir.name}-eval-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
+    reference = None  # drift is measured against the 16-bit base in every column, so the columns are comparable
     metrics: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
     bases: dict[str, dict] = {}
     for label, entry in restoration_plan().items():
         dtype = resolve_dtype(args.model, entry["precision"], None)
+        adapters_of = {task: [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]] for task in TASKS}
         for task in TASKS:
-            started = time.perf_counter()
-            # evaluate_matrix injects the adapters into the base it is given: a fresh load per task.
-            model = load_base_model(args.model, entry["quant"], dtype=dtype)
-            if label not in bases:
-                errors = quantization_error_table(reference, {entry["precision"]: model}) if entry["precision"] != 16 else []
-                bases[label] = {
-                    "precision": entry["precision"], "quant": entry["quant"].model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
-                    "parameter_bytes": parameter_bytes(model), "quantization_error": summarize_errors(errors), "quantization_error_layers": errors,
-                }
-            adapters = [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]]
-            rows = evaluate_matrix(model, tokenizer, adapters, tasks[task], reference_model=reference)
-            bases[label][task] = rows["base"]
-            for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters)):
-                metrics[task][column] = rows[row_name]
-            seconds = time.perf_counter() - started
-            bases[label].setdefault("eval_s", {})[task] = round(seconds, 1)
-            print(f"{label} base, {task}: {len(adapters)} adapter(s) + the base in {seconds:.0f} s", flush=True)
-            del model
+            saved = done_dir / f"{label}-{task}.json"
+            if not saved.is_file():
+                started = time.perf_counter()
+                if reference is None:
+                    reference = load_base_model(args.model, QuantConfig(bits=16), dtype=resolve_dtype(args.model, 16, None))
+                # evaluate_matrix injects the adapters into the base it is given: a fresh load per task.
+                model = load_base_model(args.model, entry["quant"], dtype=dtype)
+                figures = None
+                if not (done_dir / f"{label}.json").is_file():
+                    errors = quantization_error_table(reference, {entry["precision"]: model}) if entry["precision"] != 16 else []
+                    figures = {
+                        "precision": entry["precision"], "quant": entry["quant"].model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
+                        "parameter_bytes": parameter_bytes(model), "quantization_error": summarize_errors(errors), "quantization_error_layers": errors,
+                    }
+                rows = evaluate_matrix(model, tokenizer, adapters_of[task], tasks[task], reference_model=reference)
+                del model
+                if figures is not None:
+                    write_json_atomic(done_dir / f"{label}.json", figures)
+                write_json_atomic(saved, {"rows": rows, "eval_s": round(time.perf_counter() - started, 1)})
+                print(f"{label} base, {task}: {len(adapters_of[task])} adapter(s) + the base in {time.perf_counter() - started:.0f} s", flush=True)
+            done = json.loads(saved.read_text())
+            base = bases.setdefault(label, json.loads((done_dir / f"{label}.json").read_text()))
+            base[task] = done["rows"]["base"]
+            base.setdefault("eval_s", {})[task] = done["eval_s"]
+            for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters_of[task])):
+                metrics[task][column] = done["rows"][row_name]
     return metrics, bases, held_out
 
 
