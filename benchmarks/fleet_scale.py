@@ -171,8 +171,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}` ({result['date']}).",
         f"Cluster: `ray.cluster_utils.Cluster`, {result['settings']['nodes']} nodes x {result['settings']['gpus']} fake GPUs "
         f"({result['settings']['nodes'] * result['settings']['gpus']} slots), all on this machine. Each job sleeps "
-        f"{result['settings']['steps']} x {result['settings']['step_s']} s in its worker (the only stand-in), "
-        f"{result['settings']['steps']} x {result['settings']['long_step_s']} s in the last fleet; max_adapters 1.",
+        f"{result['settings']['steps']} x {result['settings']['step_s']} s in its worker (the only stand-in)"
+        + (f", {result['settings']['steps']} x {result['settings']['long_step_s']} s in the last fleet" if result["settings"]["long_step_s"] else "")
+        + "; max_adapters 1.",
         "",
         "| fleet | jobs (2-GPU) | job (s) | backfill | makespan (s) | ideal (s) | overhead per job (ms) | efficiency | steady-state efficiency | placement latency median / p95 (ms) | worker starts | every worker busy after (s) | hand-off median / p95 (ms) | driver CPU (s) | fleet.json | write (ms) | 2-GPU start lag median / max (s) | every job once |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
