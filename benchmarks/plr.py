@@ -22,6 +22,9 @@ quantization error ||W - deq(q(W))|| / ||W|| and the base's parameter memory at 
     .venv/bin/python benchmarks/plr.py [--steps 100] [--gsm8k-n 200] [--n-eval 250] [--model DIR] ...
 
 Writes benchmarks/results/plr.{json,md,png} atomically. Skips (exit 0) when ../shared/data is absent.
+On a CPU the full run takes many hours. The same command resumes an interrupted one: trained jobs are
+skipped, the others resume from their checkpoints, and each (base, task) evaluation that finished is
+read back from --work instead of being run again.
 """
 
 from __future__ import annotations
