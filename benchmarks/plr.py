@@ -233,7 +233,8 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
     from trainer.models import load_base_model, load_tokenizer, parameter_bytes
 
     tokenizer = load_tokenizer(args.model)
-    tasks = {task: load_tasks_file(write_tasks(work / f"tasks-{task}.yaml", eval_tasks(work, task, args), args)) for task in TASKS}
+    specs = {task: eval_tasks(work, task, args) for task in TASKS}
+    tasks = {task: load_tasks_file(write_tasks(work / f"tasks-{task}.yaml", specs[task], args)) for task in TASKS}
     held_out = {}
     for task_config in (t for tasks_file in tasks.values() for t in tasks_file.tasks):
         examples = task_rows(task_config)
@@ -242,7 +243,7 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
             held_out[task_config.name]["labels"] = dict(Counter(example.reference for example in examples).most_common())
     # Each (base, task) evaluation is kept as it ends, so an interrupted run (this is hours on a CPU) goes on
     # where it stopped: same fleet (its directory is named by its content) and same evaluation settings.
-    settings = {"model": args.model, "tasks": {task: eval_tasks(work, task, args) for task in TASKS}, "probe_n": args.probe_n}
+    settings = {"model": args.model, "tasks": specs, "probe_n": args.probe_n}
     done_dir = work / f"{fleet_dir.name}-eval-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
     reference = None  # drift is measured against the 16-bit base in every column, so the columns are comparable
     metrics: dict[str, dict[str, dict]] = {task: {} for task in TASKS}

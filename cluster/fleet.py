@@ -286,8 +286,9 @@ class FleetRunner:
         big_enough = [node for node, capacity in self.capacity.items() if capacity[resource] >= need]
         if not big_enough:
             return None
-        node = min(big_enough, key=soonest)
-        if self.reuse_workers and self._own_shape_serves(shape, by_s=soonest(node)[0] + self._worker_start_s()):
+        fits = {node: soonest(node) for node in big_enough}
+        node = min(big_enough, key=fits.__getitem__)
+        if self.reuse_workers and self._own_shape_serves(shape, by_s=fits[node][0] + self._worker_start_s()):
             return None  # worker sets of its shape take the head as they free: nothing closed, no new process
         return node
 
