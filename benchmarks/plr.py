@@ -219,12 +219,15 @@ def restoration_plan() -> dict[str, dict]:
             target = restoration_quant(trained, precision)
             entry = plan.setdefault(quant_label(target), {"precision": precision, "quant": target, "columns": []})
             entry["columns"].append((bits, column_name(bits, precision)))
-    return dict(sorted(plan.items(), key=lambda item: -item[1]["precision"]))  # highest precision first
+    # The 16-bit base first (the drift reference, and PLR16 of every adapter), then the lowest precisions: a run
+    # stopped part-way (hours on a CPU) has the 2- and 3-bit columns, the paper's headline, before the 8-bit ones.
+    return dict(sorted(plan.items(), key=lambda item: (item[1]["precision"] != 16, item[1]["precision"])))
 
 
 def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
     """Per task and column, the adapter's metrics; per base label, the base alone and its figures
-    (parameter memory, quantization error); the evaluated rows of each task (n, and the label counts)."""
+    (parameter memory, quantization error); the evaluated rows of each task (n, and the label counts);
+    the (base, task) evaluations not run (with --report-so-far, those not yet kept)."""
     from compositor.restore import (
         quantization_error_table,
         resolve_dtype,
@@ -251,11 +254,15 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
     reference = None  # drift is measured against the 16-bit base in every column, so the columns are comparable
     metrics: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
     bases: dict[str, dict] = {}
+    missing: list[str] = []
     for label, entry in restoration_plan().items():
         dtype = resolve_dtype(args.model, entry["precision"], None)
         adapters_of = {task: [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]] for task in TASKS}
         for task in TASKS:
             saved = done_dir / f"{label}-{task}.json"
+            if not saved.is_file() and args.report_so_far:
+                missing.append(f"{label}-{task}")
+                continue
             if not saved.is_file():
                 started = time.perf_counter()
                 if reference is None:
@@ -281,7 +288,7 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
             base.setdefault("eval_s", {})[task] = done["eval_s"]
             for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters_of[task])):
                 metrics[task][column] = done["rows"][row_name]
-    return metrics, bases, held_out
+    return metrics, bases, held_out, missing
 
 
 # --- the report ----------------------------------------------------------------------------------------
@@ -314,7 +321,7 @@ def table_rows(metrics: dict, held_out: dict) -> dict[str, dict]:
 
 def cell(value: float | None, n: int | None) -> str:
     if value is None:
-        return "-"
+        return "not run"
     return f"{value:.3f} ± {standard_error(value, n):.3f}" if n else f"{value:.3f}"
 
 
@@ -331,6 +338,16 @@ def markdown(summary: dict) -> str:
         f"Budget: {setup['budget']}. Seed {setup['seed']} in every arm (same data order). {setup['selection']}  ",
         f"Evaluation: {setup['evaluation']}",
         "",
+        *(
+            [
+                f"**Part of the table**: this report was written with `--report-so-far` from the {summary['evaluations']['kept']} "
+                f"(base, task) evaluations an interrupted run kept; {len(summary['evaluations']['missing'])} were not run "
+                f"({', '.join(summary['evaluations']['missing'])}). The command without `--report-so-far` evaluates the rest.",
+                "",
+            ]
+            if summary["evaluations"]["missing"]
+            else []
+        ),
         "| row | " + " | ".join(order) + " |",
         "|---|" + "---:|" * len(order),
     ]
@@ -357,16 +374,18 @@ def markdown(summary: dict) -> str:
         errors = base["quantization_error"]
         bits = base["precision"]
         error = f"{errors[f'rel_err_{bits}bit_mean']:.4f} / {errors[f'rel_err_{bits}bit_max']:.4f}" if errors else "0"
-        gsm, news = base["gsm8k"], base["ag_news"]
+        gsm, news = base.get("gsm8k", {}), base.get("ag_news", {})
+        drift = gsm.get("eval/forgetting/drift_kl", news.get("eval/forgetting/drift_kl"))
         lines.append(
-            f"| {label} | {bits} | {base['parameter_bytes'] / 2**20:.1f} MiB | {error} | {gsm['eval/gsm8k/accuracy']:.3f} | "
-            f"{gsm['eval/gsm8k_nll/loss']:.3f} | {news['eval/ag_news/accuracy']:.3f} | {gsm['eval/forgetting/drift_kl']:.4f} |"
+            f"| {label} | {bits} | {base['parameter_bytes'] / 2**20:.1f} MiB | {error} | {cell(gsm.get('eval/gsm8k/accuracy'), None)} | "
+            f"{cell(gsm.get('eval/gsm8k_nll/loss'), None)} | {cell(news.get('eval/ag_news/accuracy'), None)} | "
+            + ("not run" if drift is None else f"{drift:.4f}") + " |"
         )
     lines += [
         "",
         "Relative error ‖W − deq(q(W))‖/‖W‖ over the quantized linear layers (parameter-weighted mean / max; per layer in plr.json). "
         "Parameter memory counts every weight and quantization constant; the embeddings and the output head stay in full "
-        "precision at every width, and the 16-bit base is held in " + summary["bases"]["original"]["dtype"] + ".",
+        "precision at every width" + (f", and the 16-bit base is held in {summary['bases']['original']['dtype']}." if "original" in summary["bases"] else "."),
         "",
         "## Training",
         "",
@@ -380,7 +399,10 @@ def markdown(summary: dict) -> str:
         )
     fleet = summary["fleet"]
     if fleet.get("makespan_s"):
-        lines.append(f"\nFleet makespan {fleet['makespan_s']:.0f} s for {fleet.get('jobs')} jobs. Evaluation {summary['timings_s']['eval']:.0f} s.")
+        lines.append(
+            f"\nFleet makespan {fleet['makespan_s']:.0f} s for {fleet.get('jobs')} jobs. "
+            f"Evaluation {summary['timings_s']['eval']:.0f} s (the kept (base, task) evaluations, summed)."
+        )
     lines += ["", "![accuracy against training bits](plr.png)", ""]
     return "\n".join(lines) + "\n"
 
@@ -422,6 +444,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
     parser.add_argument("--eval-every", type=int, default=20, help="Steps between validation-loss evaluations (and checkpoints) in training.")
+    parser.add_argument(
+        "--report-so-far", action="store_true",
+        help="Evaluate nothing more: write the report from the evaluations an interrupted run kept, the rest marked 'not run'.",
+    )
     args = parser.parse_args()
     if not all((DATA / part).is_dir() for part in ("gsm8k", "t0", "general_prompts")):
         print(f"skipped: real data not found at {DATA} (needs gsm8k/, t0/ and general_prompts/)")
@@ -432,9 +458,9 @@ def main() -> None:
     fleet_path, fleet_dir = fleet_file(work, args)
     jobs, fleet = train_fleet(fleet_path, fleet_dir)
     train_s = time.perf_counter() - started
-    metrics, bases, held_out = evaluate(fleet_dir, work, args)
+    metrics, bases, held_out, missing = evaluate(fleet_dir, work, args)
     labels = held_out["ag_news"]["labels"]
-    eval_s = time.perf_counter() - started - train_s
+    kept_eval_s = [seconds for base in bases.values() for seconds in base["eval_s"].values()]
 
     order = columns()
     summary = {
@@ -475,7 +501,8 @@ def main() -> None:
         "jobs": jobs,
         "fleet": fleet,
         "fleet_dir": str(fleet_dir),
-        "timings_s": {"train": round(train_s, 1), "eval": round(eval_s, 1), "total": round(time.perf_counter() - started, 1)},
+        "evaluations": {"kept": len(kept_eval_s), "missing": missing},
+        "timings_s": {"train": round(train_s, 1), "eval": round(sum(kept_eval_s), 1), "this_run": round(time.perf_counter() - started, 1)},
     }
     write_json_atomic(args.out / "plr.json", summary)
     save_png(plot(summary), args.out / "plr.png", dpi=120)
