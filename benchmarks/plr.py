@@ -24,7 +24,8 @@ quantization error ||W - deq(q(W))|| / ||W|| and the base's parameter memory at 
 Writes benchmarks/results/plr.{json,md,png} atomically. Skips (exit 0) when ../shared/data is absent.
 On a CPU the full run takes many hours. The same command resumes an interrupted one: trained jobs are
 skipped, the others resume from their checkpoints, and each (base, task) evaluation that finished is
-read back from --work instead of being run again.
+read back from --work instead of being run again. `--report-so-far` writes the table from the
+evaluations kept so far, the rest marked "not run", without evaluating more.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-n", type=int, default=32, help="General prompts the reference base answers for drift KL.")
     parser.add_argument("--eval-batch", type=int, default=16, help="Rows per scoring batch (NLL).")
     # Measured on 2 CPU cores, SmolLM2-135M, 32 new tokens: 64 prompts a batch give 1.5x (16-bit) to 2.2x
-    # (HQQ 2-bit) the tokens/s of 16, as each decoding step's fixed cost (dequantizing layers) is shared.
+    # (HQQ 2-bit) the tokens/s of 16, as each decoding step's fixed cost (reading, or dequantizing, every weight) is shared.
     parser.add_argument("--gen-batch", type=int, default=64, help="Prompts per generation batch (GSM8K answers, T0 labels, the forgetting probe).")
     parser.add_argument("--model", default=MODEL, help="Base model spec (a local tiny model makes a quick smoke run).")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "plr-bench")
@@ -224,7 +225,7 @@ def restoration_plan() -> dict[str, dict]:
     return dict(sorted(plan.items(), key=lambda item: (item[1]["precision"] != 16, item[1]["precision"])))
 
 
-def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict]:
+def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict, list[str]]:
     """Per task and column, the adapter's metrics; per base label, the base alone and its figures
     (parameter memory, quantization error); the evaluated rows of each task (n, and the label counts);
     the (base, task) evaluations not run (with --report-so-far, those not yet kept)."""
