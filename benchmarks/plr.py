@@ -421,16 +421,18 @@ def plot(summary: dict):
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for axis, (label, row) in zip(axes, panels):
         for level, precision in levels.items():
-            xs, ys, errs = [], [], []
+            ys, errs = [], []
             for bits in trained_bits:
                 column = column_name(bits, bits if precision is None else precision)
                 value = row["cells"].get(column) if precision is None or precision > bits else None
-                if value is not None:
-                    xs.append(trained_bits.index(bits))
-                    ys.append(value)
-                    errs.append(standard_error(value, row["n"]) if row.get("n") else 0.0)
-            if xs:
-                axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=level)
+                ys.append(math.nan if value is None else value)  # a gap in the line: no such column, or not run
+                errs.append(standard_error(value, row["n"]) if value is not None and row.get("n") else 0.0)
+            if any(not math.isnan(y) for y in ys):
+                axis.errorbar(range(len(trained_bits)), ys, yerr=errs, marker="o", capsize=3, label=level)
+        if label == "ag_news accuracy":  # what always answering the commonest held-out label scores
+            labels = summary["held_out"]["ag_news"]["labels"]
+            axis.axhline(max(labels.values()) / summary["held_out"]["ag_news"]["n"], color="grey", linestyle=":", label="commonest label")
+            axis.legend(fontsize="small")
         axis.set_xticks(range(len(trained_bits)), [str(b) for b in trained_bits])
         axis.set_xlabel("training bits")
         axis.set_ylabel("accuracy (± SE)" if row.get("n") else "NLL (lower is better)")
