@@ -261,10 +261,10 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict, list[
         adapters_of = {task: [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]] for task in TASKS}
         for task in TASKS:
             saved = done_dir / f"{label}-{task}.json"
-            if not saved.is_file() and args.report_so_far:
-                missing.append(f"{label}-{task}")
-                continue
             if not saved.is_file():
+                if args.report_so_far:
+                    missing.append(f"{label}-{task}")
+                    continue
                 started = time.perf_counter()
                 if reference is None:
                     reference = load_base_model(args.model, QuantConfig(bits=16), dtype=resolve_dtype(args.model, 16, None))
