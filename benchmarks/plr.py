@@ -24,7 +24,9 @@ quantization error ||W - deq(q(W))|| / ||W|| and the base's parameter memory at 
 Writes benchmarks/results/plr.{json,md,png} atomically. Skips (exit 0) when ../shared/data is absent.
 On a CPU the full run takes many hours. The same command resumes an interrupted one: trained jobs are
 skipped, the others resume from their checkpoints, and each (base, task) evaluation that finished is
-read back from --work instead of being run again. `--report-so-far` writes the table from the
+read back from benchmarks/results/plr-kept/ (committed with the results) instead of being run again. A fresh
+clone has those evaluations but not the adapters: it trains again the packs that the missing evaluations
+need, and checks that every job ends with the kept losses, bit for bit. `--report-so-far` writes the table from the
 evaluations kept so far, the rest marked "not run", without evaluating more.
 """
 
@@ -73,6 +75,8 @@ TRAINING_QUANT = {
     3: {"bits": 3, "method": "hqq", "group_size": 64},
     2: {"bits": 2, "method": "hqq", "group_size": 64},
 }
+# A job trained again must end with exactly these (floats compared bit for bit) to count as the same adapter.
+REPRODUCED_KEYS = ("train_loss", "eval_loss", "initial_eval_loss", "selected_step", "tokens")
 LIBRARIES = ("hqq", "bitsandbytes", "peft", "transformers", "torch", "ray")
 
 
@@ -169,7 +173,14 @@ def job_name(task: str, bits: int) -> str:
     return f"{task}-{bits}bit"
 
 
-def fleet_file(work: Path, args) -> tuple[Path, Path]:
+def content_name(obj) -> str:
+    """A short hash of `obj` that does not depend on where the checkout lies (its paths are read relative to
+    the checkout's parent), so a fresh clone finds what an earlier run kept in benchmarks/results."""
+    text = json.dumps(obj, sort_keys=True).replace(str(ROOT.parent), "<root>")
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def fleet_config(work: Path, args) -> tuple[dict, Path]:
     """The fleet of every arm and its output directory, named by the fleet's content: the same settings
     resume the same fleet (finished jobs are skipped), other settings train a new one."""
     defaults = training_defaults(args)
@@ -179,20 +190,52 @@ def fleet_file(work: Path, args) -> tuple[Path, Path]:
         {"name": job_name(task, bits), "quant": quant, "data": {"train": rows_of(work, task, "train"), "eval": rows_of(work, task, "validation")}}
         for bits, quant in TRAINING_QUANT.items() for task in TASKS  # one precision after the other: its two jobs form a pack
     ]
-    text = json.dumps({"name": "plr", "defaults": defaults, "jobs": jobs})
-    fleet_dir = work / f"fleet-{Path(args.model).name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+    fleet = {"name": "plr", "defaults": defaults, "jobs": jobs}
     # Parsed back from JSON: no object appears twice, which YAML would write as an anchor and an alias.
-    path = write_text_atomic(work / f"{fleet_dir.name}.yaml", dump_yaml({**json.loads(text), "output_dir": str(fleet_dir)}))
-    return path, fleet_dir
+    return json.loads(json.dumps(fleet)), work / f"fleet-{Path(args.model).name}-{content_name(fleet)}"
 
 
-def train_fleet(path: Path, fleet_dir: Path) -> tuple[dict[str, dict], dict]:
-    """Run the fleet with the real CLI; each job's final.json, and the fleet's summary."""
+def jobs_needed(fleet: dict, kept: Path) -> list[str]:
+    """The jobs whose adapters an evaluation not yet kept needs (every job, in a first run), each with its
+    pack-mates (the other tasks at its precision), as they trained together in the kept run."""
+    missing = missing_evaluations(kept)
+    bits = {trained for label, entry in restoration_plan().items() for task in TASKS if f"{label}-{task}" in missing for trained, _ in entry["columns"]}
+    return [job["name"] for job in fleet["jobs"] if any(job["name"] == job_name(task, b) for task in TASKS for b in bits)]
+
+
+def train_fleet(fleet: dict, fleet_dir: Path, names: list[str], kept: Path, work: Path) -> float:
+    """Train the jobs `names` of the fleet with the real CLI (`lorafleet run` on a fleet file of those jobs,
+    into the fleet's output_dir; finished jobs are skipped) and keep each job's final.json. A fresh clone has
+    the kept evaluations but not the adapters, so it trains the jobs the missing evaluations need again,
+    with the same seed, data and packs, and each must end with the kept losses bit for bit; otherwise the
+    table would mix two different adapters, and the report says which. Returns seconds."""
+    started = time.perf_counter()
+    subset = {**fleet, "jobs": [job for job in fleet["jobs"] if job["name"] in names], "output_dir": str(fleet_dir)}
+    path = write_text_atomic(work / f"{fleet_dir.name}.yaml", dump_yaml(subset))
     cli = Path(sys.executable).with_name("lorafleet")  # the console script of this environment
-    print(f"$ lorafleet run {path}", flush=True)
+    print(f"$ lorafleet run {path}  # {', '.join(names)}", flush=True)
     subprocess.run([str(cli), "run", str(path)], check=True)
-    jobs = {job_name(task, bits): JobDir(fleet_dir / job_name(task, bits)).read_final() for bits in TRAINING_QUANT for task in TASKS}
-    return jobs, json.loads((fleet_dir / "fleet.json").read_text()).get("summary", {})
+    reproduced = {}
+    for job in subset["jobs"]:
+        final, kept_final = JobDir(fleet_dir / job["name"]).read_final(), kept / "jobs" / f"{job['name']}.json"
+        if not kept_final.is_file():
+            write_json_atomic(kept_final, final)
+            continue
+        earlier = json.loads(kept_final.read_text())
+        if final["wall_time_s"] == earlier["wall_time_s"]:
+            continue  # the kept run itself
+        reproduced[job["name"]] = {"same": all(earlier.get(key) == final.get(key) for key in REPRODUCED_KEYS),
+                                   **{key: [earlier.get(key), final.get(key)] for key in REPRODUCED_KEYS}}
+        if not reproduced[job["name"]]["same"]:
+            print(f"WARNING: {job['name']} trained again differs from the kept run: {reproduced[job['name']]}", flush=True)
+    summary = json.loads((fleet_dir / "fleet.json").read_text()).get("summary", {})
+    if not (kept / "fleet.json").is_file():
+        write_json_atomic(kept / "fleet.json", summary)
+    elif reproduced:
+        runs = json.loads((kept / "retrained.json").read_text()) if (kept / "retrained.json").is_file() else []
+        if all(run["jobs"] != reproduced for run in runs):  # a resumed run checks the same jobs again
+            write_json_atomic(kept / "retrained.json", [*runs, {"fleet": summary, "jobs": reproduced}])
+    return time.perf_counter() - started
 
 
 # --- evaluation: each restoration base once per task --------------------------------------------------
@@ -225,10 +268,22 @@ def restoration_plan() -> dict[str, dict]:
     return dict(sorted(plan.items(), key=lambda item: (item[1]["precision"] != 16, item[1]["precision"])))
 
 
-def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict, list[str]]:
+def kept_dir(fleet_dir: Path, specs: dict, args) -> Path:
+    """Where the finished (base, task) evaluations of this fleet, and its jobs' final.json, are kept: in the
+    results folder, committed, so an interrupted run (this is hours on a CPU), or a fresh clone, goes on where
+    it stopped. Named by the fleet and the evaluation settings: other settings start a new folder."""
+    settings = {"model": args.model, "tasks": specs, "probe_n": args.probe_n}
+    return args.out / "plr-kept" / f"{fleet_dir.name}-eval-{content_name(settings)}"
+
+
+def missing_evaluations(kept: Path) -> list[str]:
+    return [f"{label}-{task}" for label in restoration_plan() for task in TASKS if not (kept / f"{label}-{task}.json").is_file()]
+
+
+def evaluate(fleet_dir: Path, kept: Path, specs: dict, work: Path, args) -> tuple[dict, dict, dict]:
     """Per task and column, the adapter's metrics; per base label, the base alone and its figures
-    (parameter memory, quantization error); the evaluated rows of each task (n, and the label counts);
-    the (base, task) evaluations not run (with --report-so-far, those not yet kept)."""
+    (parameter memory, quantization error); the evaluated rows of each task (n, and the label counts).
+    Evaluations kept in `kept` are read back; with --report-so-far the others are left out."""
     from compositor.restore import (
         quantization_error_table,
         resolve_dtype,
@@ -240,7 +295,6 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict, list[
     from trainer.models import load_base_model, load_tokenizer, parameter_bytes
 
     tokenizer = load_tokenizer(args.model)
-    specs = {task: eval_tasks(work, task, args) for task in TASKS}
     tasks = {task: load_tasks_file(write_tasks(work / f"tasks-{task}.yaml", specs[task], args)) for task in TASKS}
     held_out = {}
     for task_config in (t for tasks_file in tasks.values() for t in tasks_file.tasks):
@@ -248,22 +302,16 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict, list[
         held_out[task_config.name] = {"n": len(examples)}
         if task_config.metric == "label":  # what always answering the commonest label scores
             held_out[task_config.name]["labels"] = dict(Counter(example.reference for example in examples).most_common())
-    # Each (base, task) evaluation is kept as it ends, so an interrupted run (this is hours on a CPU) goes on
-    # where it stopped: same fleet (its directory is named by its content) and same evaluation settings.
-    settings = {"model": args.model, "tasks": specs, "probe_n": args.probe_n}
-    done_dir = work / f"{fleet_dir.name}-eval-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
     reference = None  # drift is measured against the 16-bit base in every column, so the columns are comparable
     metrics: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
     bases: dict[str, dict] = {}
-    missing: list[str] = []
     for label, entry in restoration_plan().items():
-        dtype = resolve_dtype(args.model, entry["precision"], None)
-        adapters_of = {task: [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]] for task in TASKS}
-        for task in TASKS:
-            saved = done_dir / f"{label}-{task}.json"
+        for task in ("ag_news", "gsm8k"):  # within a base the cheaper task first (an ag_news row costs a fifth of a GSM8K row)
+            dtype = resolve_dtype(args.model, entry["precision"], None)
+            adapters = [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]]
+            saved = kept / f"{label}-{task}.json"
             if not saved.is_file():
                 if args.report_so_far:
-                    missing.append(f"{label}-{task}")
                     continue
                 started = time.perf_counter()
                 if reference is None:
@@ -271,25 +319,27 @@ def evaluate(fleet_dir: Path, work: Path, args) -> tuple[dict, dict, dict, list[
                 # evaluate_matrix injects the adapters into the base it is given: a fresh load per task.
                 model = load_base_model(args.model, entry["quant"], dtype=dtype)
                 figures = None
-                if not (done_dir / f"{label}.json").is_file():
+                if not (kept / f"{label}.json").is_file():
                     errors = quantization_error_table(reference, {entry["precision"]: model}) if entry["precision"] != 16 else []
                     figures = {
                         "precision": entry["precision"], "quant": entry["quant"].model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
                         "parameter_bytes": parameter_bytes(model), "quantization_error": summarize_errors(errors), "quantization_error_layers": errors,
                     }
-                rows = evaluate_matrix(model, tokenizer, adapters_of[task], tasks[task], reference_model=reference)
+                rows = evaluate_matrix(model, tokenizer, adapters, tasks[task], reference_model=reference,
+                                       base_row=entry["precision"] == 16 or task not in args.skip_base_alone)
                 del model
                 if figures is not None:
-                    write_json_atomic(done_dir / f"{label}.json", figures)
+                    write_json_atomic(kept / f"{label}.json", figures)
                 write_json_atomic(saved, {"rows": rows, "eval_s": round(time.perf_counter() - started, 1)})
-                print(f"{label} base, {task}: {len(adapters_of[task])} adapter(s) + the base in {time.perf_counter() - started:.0f} s", flush=True)
+                print(f"{label} base, {task}: {len(adapters)} adapter(s)" + (" + the base" if "base" in rows else "") + f" in {time.perf_counter() - started:.0f} s", flush=True)
             done = json.loads(saved.read_text())
-            base = bases.setdefault(label, json.loads((done_dir / f"{label}.json").read_text()))
-            base[task] = done["rows"]["base"]
+            base = bases.setdefault(label, json.loads((kept / f"{label}.json").read_text()))
+            if "base" in done["rows"]:
+                base[task] = done["rows"]["base"]
             base.setdefault("eval_s", {})[task] = done["eval_s"]
-            for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters_of[task])):
+            for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters)):
                 metrics[task][column] = done["rows"][row_name]
-    return metrics, bases, held_out, missing
+    return metrics, bases, held_out
 
 
 # --- the report ----------------------------------------------------------------------------------------
@@ -341,9 +391,9 @@ def markdown(summary: dict) -> str:
         "",
         *(
             [
-                f"**Part of the table**: this report was written with `--report-so-far` from the {summary['evaluations']['kept']} "
-                f"(base, task) evaluations an interrupted run kept; {len(summary['evaluations']['missing'])} were not run "
-                f"({', '.join(summary['evaluations']['missing'])}). The command without `--report-so-far` evaluates the rest.",
+                f"**Part of the table**: {summary['evaluations']['kept']} of the {summary['evaluations']['kept'] + len(summary['evaluations']['missing'])} "
+                f"(base, task) evaluations are kept (`{summary['kept']}`); not run yet: {', '.join(summary['evaluations']['missing'])}. "
+                "The command without `--report-so-far` evaluates the rest (in a fresh clone it first trains the fleet again).",
                 "",
             ]
             if summary["evaluations"]["missing"]
@@ -398,6 +448,13 @@ def markdown(summary: dict) -> str:
             f"| {name} | {job['train_loss']:.3f} | {job['initial_eval_loss']:.3f} → {job['eval_loss']:.3f} | "
             f"{job.get('selected_step') or job['steps']} | {job['wall_time_s']:.0f} s |"
         )
+    for run in summary["retrained"]:
+        differ = [name for name, job in run["jobs"].items() if not job["same"]]
+        lines.append(
+            f"\nTrained again from the same seed, data and schedule (a fresh clone keeps the evaluations, not the adapters): "
+            f"{len(run['jobs']) - len(differ)} of {len(run['jobs'])} jobs ended with bit-identical {', '.join(REPRODUCED_KEYS)}"
+            + (f"; {', '.join(differ)} differ (plr.json `retrained`), so their columns mix two trainings." if differ else ".")
+        )
     fleet = summary["fleet"]
     if fleet.get("makespan_s"):
         lines.append(
@@ -448,6 +505,10 @@ def main() -> None:
     common_args(parser)
     parser.add_argument("--eval-every", type=int, default=20, help="Steps between validation-loss evaluations (and checkpoints) in training.")
     parser.add_argument(
+        "--skip-base-alone", action="append", default=[], choices=TASKS, metavar="TASK",
+        help="Leave out the quantized bases alone in TASK's evaluations (a GSM8K row is ~10 min on 2 CPU cores); the adapters' rows are unchanged.",
+    )
+    parser.add_argument(
         "--report-so-far", action="store_true",
         help="Evaluate nothing more: write the report from the evaluations an interrupted run kept, the rest marked 'not run'.",
     )
@@ -458,10 +519,15 @@ def main() -> None:
     started = time.perf_counter()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    fleet_path, fleet_dir = fleet_file(work, args)
-    jobs, fleet = train_fleet(fleet_path, fleet_dir)
-    train_s = time.perf_counter() - started
-    metrics, bases, held_out, missing = evaluate(fleet_dir, work, args)
+    fleet_spec, fleet_dir = fleet_config(work, args)
+    specs = {task: eval_tasks(work, task, args) for task in TASKS}
+    kept = kept_dir(fleet_dir, specs, args)
+    needed = [] if args.report_so_far else jobs_needed(fleet_spec, kept)
+    train_s = train_fleet(fleet_spec, fleet_dir, needed, kept, work) if needed else 0.0
+    metrics, bases, held_out = evaluate(fleet_dir, kept, specs, work, args)
+    missing = missing_evaluations(kept)  # after evaluating
+    jobs = {path.stem: json.loads(path.read_text()) for path in sorted((kept / "jobs").glob("*.json"))}
+    jobs = {name: jobs[name] for name in (job_name(task, bits) for bits in TRAINING_QUANT for task in TASKS) if name in jobs}
     labels = held_out["ag_news"]["labels"]
     kept_eval_s = [seconds for base in bases.values() for seconds in base["eval_s"].values()]
 
@@ -502,8 +568,10 @@ def main() -> None:
         "metrics": metrics,
         "bases": bases,
         "jobs": jobs,
-        "fleet": fleet,
-        "fleet_dir": str(fleet_dir),
+        "fleet": json.loads((kept / "fleet.json").read_text()) if (kept / "fleet.json").is_file() else {},
+        "retrained": json.loads((kept / "retrained.json").read_text()) if (kept / "retrained.json").is_file() else [],
+        "fleet_dir": str(fleet_dir.relative_to(ROOT) if fleet_dir.is_relative_to(ROOT) else fleet_dir),
+        "kept": str(kept.relative_to(ROOT) if kept.is_relative_to(ROOT) else kept),
         "evaluations": {"kept": len(kept_eval_s), "missing": missing},
         "timings_s": {"train": round(train_s, 1), "eval": round(sum(kept_eval_s), 1), "this_run": round(time.perf_counter() - started, 1)},
     }

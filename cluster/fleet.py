@@ -4,7 +4,7 @@ Placement. A worker set holds one placement group: one bundle (one slot: a GPU, 
 on a CPU-only cluster) for a pack worker, two bundles on one node for a 2-GPU job. Queued jobs that share
 a compatibility group (`schema.job.pack_key` plus their resources) train together as one pack of up to
 `packing.max_adapters` on one worker. Spread first: while slots are free, a group's queued jobs are spread
-evenly over them, one pack per slot; once none is free, a job joins a running pack of its group with room
+evenly over those that other queued groups will not take, one pack per slot; once none is free, a job joins a running pack of its group with room
 (no new process, no base reload), which is how a pack refills as its jobs end. Jobs that run alone (2-GPU, DoRA, AdaLoRA, VeRA,
 `packing: false`) get a worker set each.
 
@@ -325,9 +325,10 @@ class FleetRunner:
     def _start(self, name: str, avoid: str | None = None) -> bool:
         """Start `name` now if it can, on any node but `avoid` (held for a waiting head). Spread first: while
         worker sets of its shape are free (idle, or room on a node), a new pack starts there, and the queued
-        jobs of its group are spread evenly over the free ones (`ceil(queued / free)` per pack, at most
-        `max_adapters`): a slot that sits idle while another trains two adapters costs makespan. Once none
-        is free, the job joins a running pack of its group with room (no new process, no base reload)."""
+        jobs of its group are spread evenly over the free ones that other queued groups will not take
+        (`ceil(queued / (free - other groups))` per pack, at most `max_adapters`): a slot that sits idle
+        while another trains two adapters costs makespan. Once none is free, the job joins a running pack of
+        its group with room (no new process, no base reload)."""
         job = self.jobs[name]
         free = self._free_worker_sets(job.shape, avoid)
         if free == 0:
@@ -357,7 +358,12 @@ class FleetRunner:
         capacity = self.max_adapters if job.shape.workers == 1 else 1
         worker.capacity = capacity
         group = [other for other in self.queue if self.jobs[other].group == job.group]
-        size = min(capacity, math.ceil(len(group) / free))
+        # Only over the free slots that other queued groups of this shape will take no part of: two groups of two
+        # on two slots become two packs at once, not one group's jobs alone while the other waits (and then
+        # leaves a slot idle). A group's packs then no longer depend on how many slots happen to be free, so a
+        # rerun trains the same packs: a packed adapter's rows share their matmuls with its pack-mates'.
+        waiting = {self.jobs[other].group for other in self.queue if self.jobs[other].group != job.group and self.jobs[other].shape == job.shape}
+        size = min(capacity, math.ceil(len(group) / max(1, free - len(waiting))))
         companions = [other for other in group if other != name][: size - 1]
         for member in [name, *companions]:
             self.queue.remove(member)

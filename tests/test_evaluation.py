@@ -258,6 +258,10 @@ def test_matrix_forgetting_against_another_reference_model(tiny_model_dir, tmp_p
     assert against_full["trained"]["eval/forgetting/response_nll_increase"] == pytest.approx(
         against_full["trained"]["eval/forgetting/response_nll"] - reference.response_nll
     )
+    # Without the base's own row, the adapter's row is the same.
+    adapter_only = evaluate_matrix(load(4), tokenizer, [adapter], tasks, reference_model=full, base_row=False)
+    assert list(adapter_only) == ["trained"]
+    assert adapter_only["trained"] == pytest.approx(against_full["trained"], rel=1e-6, abs=1e-7)
 
 
 def test_dequantized_4bit_forward_matches_bitsandbytes(tiny):

@@ -37,11 +37,12 @@ def two_nodes_of_two_gpus():
     cluster.shutdown()
 
 
-def fleet(tmp_path: Path, gpus: list[int], steps: list[int]) -> list[FleetJob]:
+def fleet(tmp_path: Path, gpus: list[int], steps: list[int], models: list[str] | None = None) -> list[FleetJob]:
+    """Jobs of `gpus` GPUs and `max_steps` each; jobs of one model (one pack group) unless `models` says."""
     jobs = []
-    for index, (count, max_steps) in enumerate(zip(gpus, steps)):
+    for index, (count, max_steps, model) in enumerate(zip(gpus, steps, models or ["unused"] * len(gpus))):
         config = JobConfig.model_validate({
-            "name": f"j{index}", "model": "unused", "data": {"train": {"path": "unused.jsonl"}},
+            "name": f"j{index}", "model": model, "data": {"train": {"path": "unused.jsonl"}},
             "train": {"max_steps": max_steps}, "resources": {"gpus_per_job": count}, "output_dir": str(tmp_path / f"j{index}"),
         })
         jobs.append(FleetJob(config=config, shape=job_shape(config.resources, cluster_has_gpus=True), max_failures=0))
@@ -103,7 +104,10 @@ def test_free_slots_are_filled_before_packs_grow(two_nodes_of_two_gpus, tmp_path
     # Five jobs on two slots: packs as even as the slots allow.
     even = run(tmp_path / "even", two_nodes_of_two_gpus, fleet(tmp_path / "even", [1] * 5, [6] * 5), max_adapters=4, max_concurrent=2)
     assert sorted(len(w["jobs"]) for w in even.workers.values()) == [2, 3]
-    assert all(job.state == "finished" for job in [*spread.jobs.values(), *even.jobs.values()])
+    # Two groups of two on two slots: two packs at once, not one group's jobs alone while the other waits.
+    groups = run(tmp_path / "groups", two_nodes_of_two_gpus, fleet(tmp_path / "groups", [1] * 4, [6] * 4, ["a", "a", "b", "b"]), max_adapters=4, max_concurrent=2)
+    assert sorted(sorted(w["jobs"]) for w in groups.workers.values()) == [["j0", "j1"], ["j2", "j3"]]
+    assert all(job.state == "finished" for job in [*spread.jobs.values(), *even.jobs.values(), *groups.jobs.values()])
 
 
 def test_the_waiting_head_gets_the_node_that_frees_first_and_later_jobs_use_the_others(two_nodes_of_two_gpus, tmp_path):

@@ -34,8 +34,10 @@ def evaluate_matrix(
     tasks: TasksFile,
     transcripts: dict[str, Transcript] | None = None,
     reference_model: torch.nn.Module | None = None,
+    base_row: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the base alone and of each adapter on it: {"base": {...}, "<adapter>": {...}}.
+    `base_row=False` leaves out the base alone (a row of long generations costs minutes on a CPU).
     With `transcripts`, each row's generated text per task row lands in transcripts[row name].
     The forgetting measures compare every row with `base_model` (adapters off), or with `reference_model`
     when given: e.g. the 16-bit base, so that adapters on bases of different precisions drift from one
@@ -52,7 +54,7 @@ def evaluate_matrix(
     reference = build_base_reference(base_model if reference_model is None else reference_model, tokenizer, tasks)
     record = (lambda name: transcripts.setdefault(name, [])) if transcripts is not None else (lambda name: None)  # noqa: E731
     compare = {"base_reference": reference, "reference_model": reference_model}
-    rows = {"base": evaluate_tasks(base_model, tokenizer, tasks, transcript=record("base"), **compare)}
+    rows = {"base": evaluate_tasks(base_model, tokenizer, tasks, transcript=record("base"), **compare)} if base_row else {}
     model = None
     for index, (name, path) in enumerate(zip(adapter_row_names(adapter_dirs), adapter_dirs)):
         slot = f"adapter{index}"  # peft keeps adapters in a ModuleDict, whose keys may not hold dots
