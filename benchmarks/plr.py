@@ -393,7 +393,7 @@ def markdown(summary: dict) -> str:
             [
                 f"**Part of the table**: {summary['evaluations']['kept']} of the {summary['evaluations']['kept'] + len(summary['evaluations']['missing'])} "
                 f"(base, task) evaluations are kept (`{summary['kept']}`); not run yet: {', '.join(summary['evaluations']['missing'])}. "
-                "The command without `--report-so-far` evaluates the rest (in a fresh clone it first trains the fleet again).",
+                "The command without `--report-so-far` evaluates the rest (in a fresh clone it first trains again the packs those evaluations need).",
                 "",
             ]
             if summary["evaluations"]["missing"]
@@ -436,7 +436,9 @@ def markdown(summary: dict) -> str:
         "",
         "Relative error ‖W − deq(q(W))‖/‖W‖ over the quantized linear layers (parameter-weighted mean / max; per layer in plr.json). "
         "Parameter memory counts every weight and quantization constant; the embeddings and the output head stay in full "
-        "precision at every width" + (f", and the 16-bit base is held in {summary['bases']['original']['dtype']}." if "original" in summary["bases"] else "."),
+        "precision at every width" + (f", and the 16-bit base is held in {summary['bases']['original']['dtype']}." if "original" in summary["bases"] else ".")
+        + (" A base alone marked not run beside its adapters' columns was left out (`--skip-base-alone`): a GSM8K row costs ~10 min here."
+           if any(task not in base for base in summary["bases"].values() for task in TASKS) else ""),
         "",
         "## Training",
         "",
