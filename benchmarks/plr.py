@@ -479,7 +479,7 @@ def plot(summary: dict):
     panels = [(label, row) for label, row in summary["table"].items() if "accuracy" in label or label == "GSM8K reference NLL"]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for axis, (label, row) in zip(axes, panels):
-        for level, precision in levels.items():
+        for color, (level, precision) in enumerate(levels.items()):  # one colour per level in every panel
             ys, errs = [], []
             for bits in trained_bits:
                 column = column_name(bits, bits if precision is None else precision)
@@ -487,7 +487,7 @@ def plot(summary: dict):
                 ys.append(math.nan if value is None else value)  # a gap in the line: no such column, or not run
                 errs.append(standard_error(value, row["n"]) if value is not None and row.get("n") else 0.0)
             if any(not math.isnan(y) for y in ys):
-                axis.errorbar(range(len(trained_bits)), ys, yerr=errs, marker="o", capsize=3, label=level)
+                axis.errorbar(range(len(trained_bits)), ys, yerr=errs, marker="o", capsize=3, label=level, color=f"C{color}")
         if label == "ag_news accuracy":  # what always answering the commonest held-out label scores
             labels = summary["held_out"]["ag_news"]["labels"]
             axis.axhline(max(labels.values()) / summary["held_out"]["ag_news"]["n"], color="grey", linestyle=":", label="commonest label")
