@@ -173,6 +173,11 @@ def job_name(task: str, bits: int) -> str:
     return f"{task}-{bits}bit"
 
 
+def read_kept(path: Path, default):
+    """A JSON file an earlier run kept, or `default` before there is one."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
 def content_name(obj) -> str:
     """A short hash of `obj` that does not depend on where the checkout lies (its paths are read relative to
     the checkout's parent), so a fresh clone finds what an earlier run kept in benchmarks/results."""
@@ -200,7 +205,8 @@ def jobs_needed(fleet: dict, kept: Path) -> list[str]:
     pack-mates (the other tasks at its precision), as they trained together in the kept run."""
     missing = missing_evaluations(kept)
     bits = {trained for label, entry in restoration_plan().items() for task in TASKS if f"{label}-{task}" in missing for trained, _ in entry["columns"]}
-    return [job["name"] for job in fleet["jobs"] if any(job["name"] == job_name(task, b) for task in TASKS for b in bits)]
+    names = {job_name(task, trained) for task in TASKS for trained in bits}
+    return [job["name"] for job in fleet["jobs"] if job["name"] in names]
 
 
 def train_fleet(fleet: dict, fleet_dir: Path, names: list[str], kept: Path, work: Path) -> float:
@@ -232,7 +238,7 @@ def train_fleet(fleet: dict, fleet_dir: Path, names: list[str], kept: Path, work
     if not (kept / "fleet.json").is_file():
         write_json_atomic(kept / "fleet.json", summary)
     elif reproduced:
-        runs = json.loads((kept / "retrained.json").read_text()) if (kept / "retrained.json").is_file() else []
+        runs = read_kept(kept / "retrained.json", [])
         if all(run["jobs"] != reproduced for run in runs):  # a resumed run checks the same jobs again
             write_json_atomic(kept / "retrained.json", [*runs, {"fleet": summary, "jobs": reproduced}])
     return time.perf_counter() - started
@@ -306,8 +312,8 @@ def evaluate(fleet_dir: Path, kept: Path, specs: dict, work: Path, args) -> tupl
     metrics: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
     bases: dict[str, dict] = {}
     for label, entry in restoration_plan().items():
+        dtype = resolve_dtype(args.model, entry["precision"], None)
         for task in ("ag_news", "gsm8k"):  # within a base the cheaper task first (an ag_news row costs a fifth of a GSM8K row)
-            dtype = resolve_dtype(args.model, entry["precision"], None)
             adapters = [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]]
             saved = kept / f"{label}-{task}.json"
             if not saved.is_file():
@@ -528,8 +534,8 @@ def main() -> None:
     train_s = train_fleet(fleet_spec, fleet_dir, needed, kept, work) if needed else 0.0
     metrics, bases, held_out = evaluate(fleet_dir, kept, specs, work, args)
     missing = missing_evaluations(kept)  # after evaluating
-    jobs = {path.stem: json.loads(path.read_text()) for path in sorted((kept / "jobs").glob("*.json"))}
-    jobs = {name: jobs[name] for name in (job_name(task, bits) for bits in TRAINING_QUANT for task in TASKS) if name in jobs}
+    jobs = {job["name"]: read_kept(kept / "jobs" / f"{job['name']}.json", None) for job in fleet_spec["jobs"]}
+    jobs = {name: final for name, final in jobs.items() if final is not None}
     labels = held_out["ag_news"]["labels"]
     kept_eval_s = [seconds for base in bases.values() for seconds in base["eval_s"].values()]
 
@@ -570,8 +576,8 @@ def main() -> None:
         "metrics": metrics,
         "bases": bases,
         "jobs": jobs,
-        "fleet": json.loads((kept / "fleet.json").read_text()) if (kept / "fleet.json").is_file() else {},
-        "retrained": json.loads((kept / "retrained.json").read_text()) if (kept / "retrained.json").is_file() else [],
+        "fleet": read_kept(kept / "fleet.json", {}),
+        "retrained": read_kept(kept / "retrained.json", []),
         "fleet_dir": str(fleet_dir.relative_to(ROOT) if fleet_dir.is_relative_to(ROOT) else fleet_dir),
         "kept": str(kept.relative_to(ROOT) if kept.is_relative_to(ROOT) else kept),
         "evaluations": {"kept": len(kept_eval_s), "missing": missing},

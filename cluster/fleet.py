@@ -4,8 +4,9 @@ Placement. A worker set holds one placement group: one bundle (one slot: a GPU, 
 on a CPU-only cluster) for a pack worker, two bundles on one node for a 2-GPU job. Queued jobs that share
 a compatibility group (`schema.job.pack_key` plus their resources) train together as one pack of up to
 `packing.max_adapters` on one worker. Spread first: while slots are free, a group's queued jobs are spread
-evenly over those that other queued groups will not take, one pack per slot; once none is free, a job joins a running pack of its group with room
-(no new process, no base reload), which is how a pack refills as its jobs end. Jobs that run alone (2-GPU, DoRA, AdaLoRA, VeRA,
+evenly over those that other queued groups will not take, one pack per slot; once none is free, a job
+joins a running pack of its group with room (no new process, no base reload), which is how a pack
+refills as its jobs end. Jobs that run alone (2-GPU, DoRA, AdaLoRA, VeRA,
 `packing: false`) get a worker set each.
 
 Order. Jobs start in fleet order, with one exception stated in one sentence: while the job at the head
