@@ -33,6 +33,7 @@ evaluations kept so far, the rest marked "not run", without evaluating more.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -239,7 +240,8 @@ def train_fleet(fleet: dict, fleet_dir: Path, names: list[str], kept: Path, work
         write_json_atomic(kept / "fleet.json", summary)
     elif reproduced:
         runs = read_kept(kept / "retrained.json", [])
-        if all(run["jobs"] != reproduced for run in runs):  # a resumed run checks the same jobs again
+        already = any(all(run["jobs"].get(name) == check for name, check in reproduced.items()) for run in runs)
+        if not already:  # a resumed run, or one on the adapters an earlier run left, checks the same jobs again
             write_json_atomic(kept / "retrained.json", [*runs, {"fleet": summary, "jobs": reproduced}])
     return time.perf_counter() - started
 
@@ -308,7 +310,8 @@ def evaluate(fleet_dir: Path, kept: Path, specs: dict, work: Path, args) -> tupl
         held_out[task_config.name] = {"n": len(examples)}
         if task_config.metric == "label":  # what always answering the commonest label scores
             held_out[task_config.name]["labels"] = dict(Counter(example.reference for example in examples).most_common())
-    reference = None  # drift is measured against the 16-bit base in every column, so the columns are comparable
+    # drift is measured against the 16-bit base in every column, so the columns are comparable; loaded once, when first needed
+    reference_model = functools.cache(lambda: load_base_model(args.model, QuantConfig(bits=16), dtype=resolve_dtype(args.model, 16, None)))
     metrics: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
     bases: dict[str, dict] = {}
     for label, entry in restoration_plan().items():
@@ -320,18 +323,16 @@ def evaluate(fleet_dir: Path, kept: Path, specs: dict, work: Path, args) -> tupl
                 if args.report_so_far:
                     continue
                 started = time.perf_counter()
-                if reference is None:
-                    reference = load_base_model(args.model, QuantConfig(bits=16), dtype=resolve_dtype(args.model, 16, None))
                 # evaluate_matrix injects the adapters into the base it is given: a fresh load per task.
                 model = load_base_model(args.model, entry["quant"], dtype=dtype)
                 figures = None
                 if not (kept / f"{label}.json").is_file():
-                    errors = quantization_error_table(reference, {entry["precision"]: model}) if entry["precision"] != 16 else []
+                    errors = quantization_error_table(reference_model(), {entry["precision"]: model}) if entry["precision"] != 16 else []
                     figures = {
                         "precision": entry["precision"], "quant": entry["quant"].model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
                         "parameter_bytes": parameter_bytes(model), "quantization_error": summarize_errors(errors), "quantization_error_layers": errors,
                     }
-                rows = evaluate_matrix(model, tokenizer, adapters, tasks[task], reference_model=reference,
+                rows = evaluate_matrix(model, tokenizer, adapters, tasks[task], reference_model=reference_model(),
                                        base_row=entry["precision"] == 16 or task not in args.skip_base_alone)
                 del model
                 if figures is not None:
@@ -339,10 +340,19 @@ def evaluate(fleet_dir: Path, kept: Path, specs: dict, work: Path, args) -> tupl
                 write_json_atomic(saved, {"rows": rows, "eval_s": round(time.perf_counter() - started, 1)})
                 print(f"{label} base, {task}: {len(adapters)} adapter(s)" + (" + the base" if "base" in rows else "") + f" in {time.perf_counter() - started:.0f} s", flush=True)
             done = json.loads(saved.read_text())
+            if "base" not in done["rows"] and task not in args.skip_base_alone and not args.report_so_far:
+                # kept by a run with --skip-base-alone: the base's own row is added now, the adapters' rows stay
+                started = time.perf_counter()
+                model = load_base_model(args.model, entry["quant"], dtype=dtype)
+                done["rows"] = {**evaluate_matrix(model, tokenizer, [], tasks[task], reference_model=reference_model()), **done["rows"]}
+                del model
+                done["base_eval_s"] = round(time.perf_counter() - started, 1)
+                write_json_atomic(saved, done)
+                print(f"{label} base, {task}: the base alone added in {done['base_eval_s']:.0f} s", flush=True)
             base = bases.setdefault(label, json.loads((kept / f"{label}.json").read_text()))
             if "base" in done["rows"]:
                 base[task] = done["rows"]["base"]
-            base.setdefault("eval_s", {})[task] = done["eval_s"]
+            base.setdefault("eval_s", {})[task] = done["eval_s"] + done.get("base_eval_s", 0)
             for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters)):
                 metrics[task][column] = done["rows"][row_name]
     return metrics, bases, held_out
@@ -514,7 +524,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20, help="Steps between validation-loss evaluations (and checkpoints) in training.")
     parser.add_argument(
         "--skip-base-alone", action="append", default=[], choices=TASKS, metavar="TASK",
-        help="Leave out the quantized bases alone in TASK's evaluations (a GSM8K row is ~10 min on 2 CPU cores); the adapters' rows are unchanged.",
+        help="Leave out the quantized bases alone in TASK's evaluations (a GSM8K row is ~10 min on 2 CPU cores); the adapters' rows are unchanged. A later run without it adds the rows left out.",
     )
     parser.add_argument(
         "--report-so-far", action="store_true",
@@ -541,7 +551,7 @@ def main() -> None:
 
     order = columns()
     summary = {
-        "command": "python benchmarks/plr.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python", "benchmarks/plr.py", *sys.argv[1:]]),
         "machine": machine(),
         "versions": {name: version(name) for name in LIBRARIES},
         "setup": {
