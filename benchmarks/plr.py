@@ -319,40 +319,32 @@ def evaluate(fleet_dir: Path, kept: Path, specs: dict, work: Path, args) -> tupl
         for task in ("ag_news", "gsm8k"):  # within a base the cheaper task first (an ag_news row costs a fifth of a GSM8K row)
             adapters = [JobDir(fleet_dir / job_name(task, bits)).adapter for bits, _ in entry["columns"]]
             saved = kept / f"{label}-{task}.json"
-            if not saved.is_file():
-                if args.report_so_far:
-                    continue
+            done = read_kept(saved, None)
+            # What is still to run: everything, or only the base alone that a --skip-base-alone run left out.
+            run_adapters = [] if done is not None else adapters
+            run_base = (entry["precision"] == 16 or task not in args.skip_base_alone) and (done is None or "base" not in done["rows"])
+            if (run_adapters or run_base) and not args.report_so_far:
                 started = time.perf_counter()
                 # evaluate_matrix injects the adapters into the base it is given: a fresh load per task.
                 model = load_base_model(args.model, entry["quant"], dtype=dtype)
-                figures = None
                 if not (kept / f"{label}.json").is_file():
                     errors = quantization_error_table(reference_model(), {entry["precision"]: model}) if entry["precision"] != 16 else []
-                    figures = {
+                    write_json_atomic(kept / f"{label}.json", {
                         "precision": entry["precision"], "quant": entry["quant"].model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
                         "parameter_bytes": parameter_bytes(model), "quantization_error": summarize_errors(errors), "quantization_error_layers": errors,
-                    }
-                rows = evaluate_matrix(model, tokenizer, adapters, tasks[task], reference_model=reference_model(),
-                                       base_row=entry["precision"] == 16 or task not in args.skip_base_alone)
+                    })
+                rows = evaluate_matrix(model, tokenizer, run_adapters, tasks[task], reference_model=reference_model(), base_row=run_base)
                 del model
-                if figures is not None:
-                    write_json_atomic(kept / f"{label}.json", figures)
-                write_json_atomic(saved, {"rows": rows, "eval_s": round(time.perf_counter() - started, 1)})
-                print(f"{label} base, {task}: {len(adapters)} adapter(s)" + (" + the base" if "base" in rows else "") + f" in {time.perf_counter() - started:.0f} s", flush=True)
-            done = json.loads(saved.read_text())
-            if "base" not in done["rows"] and task not in args.skip_base_alone and not args.report_so_far:
-                # kept by a run with --skip-base-alone: the base's own row is added now, the adapters' rows stay
-                started = time.perf_counter()
-                model = load_base_model(args.model, entry["quant"], dtype=dtype)
-                done["rows"] = {**evaluate_matrix(model, tokenizer, [], tasks[task], reference_model=reference_model()), **done["rows"]}
-                del model
-                done["base_eval_s"] = round(time.perf_counter() - started, 1)
+                earlier = done or {"rows": {}, "eval_s": 0.0}
+                done = {"rows": {**rows, **earlier["rows"]}, "eval_s": round(earlier["eval_s"] + time.perf_counter() - started, 1)}
                 write_json_atomic(saved, done)
-                print(f"{label} base, {task}: the base alone added in {done['base_eval_s']:.0f} s", flush=True)
+                print(f"{label} base, {task}: {len(run_adapters)} adapter(s)" + (" + the base" if run_base else "") + f" in {time.perf_counter() - started:.0f} s", flush=True)
+            if done is None:
+                continue  # --report-so-far: not run yet
             base = bases.setdefault(label, json.loads((kept / f"{label}.json").read_text()))
             if "base" in done["rows"]:
                 base[task] = done["rows"]["base"]
-            base.setdefault("eval_s", {})[task] = done["eval_s"] + done.get("base_eval_s", 0)
+            base.setdefault("eval_s", {})[task] = done["eval_s"]
             for (_, column), row_name in zip(entry["columns"], adapter_row_names(adapters)):
                 metrics[task][column] = done["rows"][row_name]
     return metrics, bases, held_out
